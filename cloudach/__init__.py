@@ -1,0 +1,1 @@
+"""Cloudach: shared platform code, the generated gRPC stubs and the `cloudach` command."""

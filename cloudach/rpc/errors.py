@@ -1,0 +1,107 @@
+"""The whole gRPC error policy: CloudachError <-> google.rpc.Status with its details.
+
+Servers: ErrorInterceptor turns a CloudachError raised by any handler into its status code,
+with the offending field in a BadRequest violation and the code in an ErrorInfo reason.
+Clients: error_from_rpc() turns an AioRpcError back into the same CloudachError.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from cloudach.errors import BY_STATUS, CloudachError, Internal
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "cloudach.com"
+
+
+def to_status(error: CloudachError) -> grpc.Status:
+    status = status_pb2.Status(code=error.status.value[0], message=error.message)
+    if error.param:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.param, description=error.message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if error.code:
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN))
+    return rpc_status.to_status(status)
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> CloudachError:
+    """The CloudachError a server raised, rebuilt from the call's status and details."""
+    param = code = None
+    for key, value in error.trailing_metadata() or ():
+        if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                param = bad.field_violations[0].field if bad.field_violations else None
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                code = info.reason or None
+    cls = BY_STATUS.get(error.code(), Internal)
+    return cls(error.details() or error.code().name, param=param, code=code)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if not isinstance(error, CloudachError):
+        # Unexpected: keep the traceback in our logs, tell the caller nothing internal.
+        log.exception("unhandled error in gRPC handler", exc_info=error)
+        error = Internal("internal error")
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            await _abort(context, error)
+
+    return handler
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except Exception as error:  # noqa: BLE001
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            await _abort(context, error)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps CloudachError (and anything unexpected) to gRPC status codes for every handler."""
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        serializers = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **serializers)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **serializers)
+        return handler
+
+
+__all__ = ["ErrorInterceptor", "error_from_rpc", "to_status"]

@@ -1,0 +1,77 @@
+"""The scaffold every Cloudach gRPC service runs in: error interceptor, grpc.health.v1,
+server reflection, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloudach.rpc.errors import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    service_names: Sequence[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Reports every service (and the server as a whole, "") as serving or not."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stops taking new calls and gives the ones in flight grace_s seconds to finish."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, object]] = (),
+) -> GrpcServer:
+    """Starts a server on address ("host:0" picks a free port) with register()'s services."""
+    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=list(options))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    running = GrpcServer(server, health_servicer, port, tuple(service_names))
+    await running.set_serving(True)
+    return running
+
+
+async def wait_for_termination_signal() -> signal.Signals:
+    """Returns when the process gets SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+    try:
+        return await received
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
