@@ -1,0 +1,141 @@
+"""Runs the real Triton Inference Server shipped in the nvidia-pytriton wheel, on the CPU.
+
+Recipe (shared/notes/triton-on-cpu.md): the Python backend's stub must sit next to the backend
+library, and the virtual environment's bin/ must come first on PATH, because the stub runs the
+first python3 it finds there and so imports that environment's packages (llama_cpp, numpy).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cloudach.launcher.ports import free_ports
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+CPU_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "cpu"
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+def triton_home() -> pathlib.Path:
+    import pytriton
+
+    return pathlib.Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _install_python_stub(home: pathlib.Path) -> None:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+    target = home / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonStartError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    if not target.exists() or target.stat().st_size != stub.stat().st_size:
+        shutil.copy2(stub, target)
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver process and its endpoints."""
+
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: pathlib.Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def is_running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, models: Sequence[str], timeout_s: float) -> None:
+        """Blocks until the server and every model answer ready, or raises with the log's tail."""
+        deadline = time.monotonic() + timeout_s
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise TritonStartError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if all(self._http_ok(p) for p in paths):
+                return
+            time.sleep(0.1)
+        raise TritonStartError(f"tritonserver not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def _http_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=1) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM (Triton unloads its models and exits), then SIGKILL if it does not."""
+        if not self.is_running():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the server and its model stubs (they share its process group)."""
+        if self.is_running():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_triton(
+    log_path: pathlib.Path,
+    model_repository: pathlib.Path = CPU_MODEL_REPOSITORY,
+    extra_args: Sequence[str] = (),
+) -> TritonServer:
+    """Starts tritonserver on free loopback ports; call wait_ready() before using it."""
+    home = triton_home()
+    _install_python_stub(home)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
+    args = [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={home / 'backends'}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--exit-timeout-secs=10",
+        *extra_args,
+    ]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return TritonServer(process, http_port, grpc_port, metrics_port, log_path)
