@@ -1,0 +1,3 @@
+from inference_svc.server import main
+
+main()

@@ -1,0 +1,43 @@
+"""The seam between inference_svc and whatever generates tokens.
+
+Nothing below it knows gRPC callers or chat messages; nothing above it knows Triton. The real
+engine is TritonEngine (triton_engine.py); tests may put a fake with knobs behind the same seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    model: str  # the Triton model's name
+    input_ids: list[int]
+    max_new_tokens: int
+    end_id: int
+    pad_id: int | None
+    stop_token_ids: tuple[int, ...]
+    temperature: float
+    top_p: float
+    top_k: int  # 0: no cut
+    seed: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: W3C trace context for the backend's own spans (traceparent, tracestate)
+    trace_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    def generate(self, request: EngineRequest) -> AsyncIterator[list[int]]:
+        """Yields the ids generated at each step until the model finishes.
+
+        Closing the iterator early (or cancelling the task reading it) cancels the generation in
+        the model. Failures raise cloudach.errors exceptions (Unavailable, ResourceExhausted...).
+        """
+
+    async def model_ready(self, model: str) -> bool: ...
+
+    async def close(self) -> None: ...

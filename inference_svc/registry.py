@@ -1,0 +1,75 @@
+"""The models inference_svc serves: public id -> Triton model, tokenizer, template, limits."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from cloudach.errors import NotFound
+from inference_svc.templates import TEMPLATES, Message, Piece
+from inference_svc.tokenizer import Tokenizer, encode_pieces, load_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    triton_model: str
+    tokenizer: Tokenizer = field(repr=False)
+    chat_template: str
+    end_id: int
+    context_window: int
+    default_max_tokens: int
+    max_output_tokens: int
+    pad_id: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    default_system_prompt: str | None = None
+    default_temperature: float = 1.0
+    default_top_p: float = 1.0
+    owned_by: str = "cloudach"
+    created_unix_s: int = 0
+
+    def render(self, messages: Sequence[Message]) -> list[Piece]:
+        return TEMPLATES[self.chat_template](messages, self.default_system_prompt)
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        return encode_pieces(self.tokenizer, self.render(messages))
+
+
+class ModelRegistry:
+    def __init__(self, models: Sequence[ModelSpec]) -> None:
+        self._models = {m.id: m for m in models}
+
+    def get(self, model_id: str) -> ModelSpec:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise NotFound(
+                f"The model `{model_id}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            ) from None
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+
+def load_registry(path: str, tokenizer_loader: Callable[[str], Tokenizer] = load_tokenizer) -> ModelRegistry:
+    """Reads a models TOML file (see deploy/inference/) and loads each model's tokenizer once."""
+    with open(path, "rb") as f:
+        document = tomllib.load(f)
+    specs = []
+    for entry in document.get("models", []):
+        entry = dict(entry)
+        template = entry["chat_template"]
+        if template not in TEMPLATES:
+            raise ValueError(f"model {entry['id']}: unknown chat_template {template!r}")
+        tokenizer = tokenizer_loader(entry.pop("tokenizer"))
+        stop_ids = frozenset(entry.pop("stop_token_ids", []))
+        for token_id in (entry["end_id"], *stop_ids):
+            if not 0 <= token_id < tokenizer.vocab_size:
+                raise ValueError(f"model {entry['id']}: token id {token_id} is outside the vocabulary")
+        specs.append(ModelSpec(tokenizer=tokenizer, stop_token_ids=stop_ids, **entry))
+    if not specs:
+        raise ValueError(f"{path} defines no models")
+    return ModelRegistry(specs)

@@ -1,0 +1,77 @@
+"""inference_svc's composition root: configuration -> registry, engine, servicer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
+from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from inference_svc.config import InferenceConfig
+from inference_svc.engine import Engine
+from inference_svc.registry import ModelRegistry, load_registry
+from inference_svc.service import InferenceService
+from inference_svc.triton_engine import TritonEngine
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+@dataclass
+class RunningInference:
+    grpc: GrpcServer
+    service: InferenceService
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc.port}"
+
+
+async def _watch_health(server: GrpcServer, registry: ModelRegistry, engine: Engine, every_s: float) -> None:
+    """SERVING while at least one model is ready in Triton, NOT_SERVING otherwise."""
+    serving = None
+    while True:
+        ready = any(await asyncio.gather(*(engine.model_ready(s.triton_model) for s in registry)))
+        if ready != serving:
+            log.info("inference_svc %s", "serving" if ready else "not serving: no model ready in Triton")
+            await server.set_serving(ready)
+            serving = ready
+        await asyncio.sleep(every_s)
+
+
+@contextlib.asynccontextmanager
+async def running_inference(
+    config: InferenceConfig, engine: Engine | None = None, registry: ModelRegistry | None = None
+) -> AsyncIterator[RunningInference]:
+    """Serves inference_svc for the duration of the block, then drains and closes everything."""
+    registry = registry or load_registry(config.models_file)
+    engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s)
+    service = InferenceService(registry, engine, config)
+    server = await start_grpc_server(
+        config.listen_address,
+        lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
+        [SERVICE_NAME],
+    )
+    watcher = asyncio.create_task(_watch_health(server, registry, engine, config.health_poll_s))
+    try:
+        yield RunningInference(server, service)
+    finally:
+        watcher.cancel()
+        await server.stop(config.shutdown_grace_s)
+        await engine.close()
+
+
+async def serve(config: InferenceConfig) -> None:
+    async with running_inference(config) as running:
+        log.info("inference_svc listening on %s", config.listen_address.rsplit(":", 1)[0] + f":{running.grpc.port}")
+        signal = await wait_for_termination_signal()
+        log.info("inference_svc draining after %s", signal.name)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(InferenceConfig.from_env()))

@@ -1,0 +1,87 @@
+"""The InferenceService gRPC servicer: admission, then plan_generation and stream_generation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry import propagate
+
+from cloudach.errors import ResourceExhausted
+from cloudach.inference.v1 import inference_pb2 as pb
+from cloudach.inference.v1 import inference_pb2_grpc
+from inference_svc.config import InferenceConfig
+from inference_svc.engine import Engine
+from inference_svc.generation import Outcome, plan_generation, stream_generation
+from inference_svc.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+def trace_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The caller's W3C trace context, re-injected for Triton's own spans."""
+    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    headers: dict[str, str] = {}
+    propagate.inject(headers, context=propagate.extract(carrier))
+    return headers
+
+
+class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry, engine: Engine, config: InferenceConfig) -> None:
+        self._registry = registry
+        self._engine = engine
+        self._config = config
+        self._active = 0
+
+    @property
+    def active_streams(self) -> int:
+        return self._active
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        if self._active >= self._config.max_concurrent_streams:
+            raise ResourceExhausted(
+                f"inference_svc is at capacity ({self._config.max_concurrent_streams} streams); retry shortly",
+                code="server_overloaded",
+            )
+        self._active += 1
+        outcome = Outcome()
+        plan = None
+        try:
+            plan = plan_generation(request, self._registry, trace_headers(context))
+            async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
+                yield event
+        except asyncio.CancelledError:
+            log.info("generation cancelled by the caller: %s", request.request_id)
+            raise
+        finally:
+            self._active -= 1
+            if plan is not None:
+                # Counts and timings only: prompts and generated text never reach the logs.
+                log.info(
+                    "generation request_id=%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft_ms=%.1f",
+                    plan.engine_request.request_id,
+                    plan.spec.id,
+                    plan.prompt_tokens,
+                    outcome.completion_tokens,
+                    pb.FinishReason.Name(outcome.finish_reason),
+                    outcome.time_to_first_token_ns / 1e6,
+                )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        specs = list(self._registry)
+        ready = await asyncio.gather(*(self._engine.model_ready(s.triton_model) for s in specs))
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    id=s.id,
+                    owned_by=s.owned_by,
+                    created_unix_s=s.created_unix_s,
+                    context_window_tokens=s.context_window,
+                    max_output_tokens=s.max_output_tokens,
+                    ready=r,
+                )
+                for s, r in zip(specs, ready)
+            ]
+        )

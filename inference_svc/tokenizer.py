@@ -1,0 +1,125 @@
+"""Tokenizers inference_svc uses: the GGUF's own (llama.cpp) or a Hugging Face tokenizer.json.
+
+Both give, for the hot path, a table from token id to the exact bytes it stands for; both models
+we serve (Llama 3, SmolLM2) use byte-level BPE, so concatenated token bytes are the text exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Protocol
+
+from inference_svc.templates import Piece, Special
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    #: token id -> the bytes it decodes to; control tokens decode to b"".
+    token_bytes: Sequence[bytes]
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; control-token text is never parsed as control tokens."""
+
+    def special_id(self, token: str) -> int:
+        """The id of one control token, e.g. "<|im_end|>"."""
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> list[int]:
+    ids: list[int] = []
+    for piece in pieces:
+        if isinstance(piece, Special):
+            ids.append(tokenizer.special_id(piece.token))
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids
+
+
+def resolve_path(spec: str) -> str:
+    """"pkg:PACKAGE/FILE" finds FILE inside an installed package without importing it."""
+    if not spec.startswith("pkg:"):
+        return spec
+    package, _, relative = spec[4:].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return os.path.join(list(found.submodule_search_locations)[0], relative)
+
+
+class GgufTokenizer:
+    """The tokenizer stored in a GGUF file, through llama.cpp (the model's own)."""
+
+    def __init__(self, path: str) -> None:
+        from llama_cpp import Llama
+
+        self._llama = Llama(model_path=path, vocab_only=True, verbose=False)
+        self.vocab_size = self._llama.n_vocab()
+        self.token_bytes = tuple(self._llama.detokenize([i], special=False) for i in range(self.vocab_size))
+
+    def encode(self, text: str) -> list[int]:
+        return self._llama.tokenize(text.encode(), add_bos=False, special=False)
+
+    @lru_cache(maxsize=64)
+    def special_id(self, token: str) -> int:
+        ids = self._llama.tokenize(token.encode(), add_bos=False, special=True)
+        if len(ids) != 1:
+            raise ValueError(f"{token!r} is not a single control token of this tokenizer")
+        return ids[0]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+class HfTokenizer:
+    """A byte-level BPE tokenizer.json (Llama 3's), through Hugging Face `tokenizers`."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer as _Hf
+
+        self._tok = _Hf.from_file(path)
+        self._tok.encode_special_tokens = True  # message text never becomes control tokens
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        added = self._tok.get_added_tokens_decoder()
+        decoder = _byte_decoder()
+        table = []
+        for i in range(self.vocab_size):
+            if i in added:
+                table.append(b"" if added[i].special else added[i].content.encode())
+                continue
+            piece = self._tok.id_to_token(i) or ""
+            try:
+                table.append(bytes(decoder[c] for c in piece))
+            except KeyError:
+                raise ValueError(f"{path} is not a byte-level BPE tokenizer (token {i}: {piece!r})") from None
+        self.token_bytes = tuple(table)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def special_id(self, token: str) -> int:
+        found = self._tok.token_to_id(token)
+        if found is None:
+            raise ValueError(f"{token!r} is not a control token of this tokenizer")
+        return found
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """A .gguf path gives the GGUF's tokenizer; a .json path a Hugging Face tokenizer.json."""
+    path = resolve_path(spec)
+    if path.endswith(".gguf"):
+        return GgufTokenizer(path)
+    if path.endswith(".json"):
+        return HfTokenizer(path)
+    raise ValueError(f"unknown tokenizer format: {spec} (expected .gguf or tokenizer.json)")

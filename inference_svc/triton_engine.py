@@ -1,0 +1,161 @@
+"""The engine on Triton: TensorRT-LLM's `tensorrt_llm` model, called directly with token ids.
+
+One ModelStreamInfer stream per request, so cancelling the stream cancels that request in the
+model (through an ensemble or a BLS it would not: shared/notes/trtllm-contract.md). Moving to
+another serving layout should touch only this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from cloudach.errors import CloudachError, DeadlineExceeded, ResourceExhausted, Unavailable
+from inference_svc.engine import EngineRequest
+
+log = logging.getLogger(__name__)
+
+_QUEUE_FULL_MARKERS = ("queue is full", "exceeds maximum queue size", "maximum queue size")
+
+
+def _tensor(name: str, value: np.ndarray, datatype: str) -> InferInput:
+    tensor = InferInput(name, list(value.shape), datatype)
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
+def _stop_words_list(ids: Sequence[int]) -> np.ndarray:
+    """TensorRT-LLM's [batch, 2, L] layout for single-token stop words: ids, then end offsets."""
+    flat = list(ids)
+    offsets = list(range(1, len(flat) + 1))
+    return np.array([[flat, offsets]], dtype=np.int32)
+
+
+def build_inputs(r: EngineRequest) -> list[InferInput]:
+    """The tensorrt_llm model's inputs; every one carries the leading batch dimension of 1."""
+
+    def i32(v: int) -> np.ndarray:
+        return np.array([[v]], dtype=np.int32)
+
+    def f32(v: float) -> np.ndarray:
+        return np.array([[v]], dtype=np.float32)
+
+    inputs = [
+        _tensor("input_ids", np.array([r.input_ids], dtype=np.int32), "INT32"),
+        _tensor("input_lengths", i32(len(r.input_ids)), "INT32"),
+        _tensor("request_output_len", i32(r.max_new_tokens), "INT32"),
+        _tensor("end_id", i32(r.end_id), "INT32"),
+        _tensor("streaming", np.array([[True]]), "BOOL"),
+        _tensor("exclude_input_in_output", np.array([[True]]), "BOOL"),
+        _tensor("temperature", f32(r.temperature), "FP32"),
+        _tensor("runtime_top_p", f32(r.top_p), "FP32"),
+        _tensor("runtime_top_k", i32(r.top_k), "INT32"),
+        _tensor("seed", np.array([[r.seed]], dtype=np.uint64), "UINT64"),
+        _tensor("presence_penalty", f32(r.presence_penalty), "FP32"),
+        _tensor("frequency_penalty", f32(r.frequency_penalty), "FP32"),
+    ]
+    if r.pad_id is not None:
+        inputs.append(_tensor("pad_id", i32(r.pad_id), "INT32"))
+    if r.stop_token_ids:
+        inputs.append(_tensor("stop_words_list", _stop_words_list(r.stop_token_ids), "INT32"))
+    return inputs
+
+
+def _in_band_error(error: InferenceServerException) -> CloudachError:
+    message = error.message()
+    if any(marker in message.lower() for marker in _QUEUE_FULL_MARKERS):
+        return ResourceExhausted("the model is at capacity; retry shortly", code="model_overloaded")
+    return Unavailable(f"the model failed: {message}")
+
+
+def _rpc_error(error: grpc.aio.AioRpcError) -> CloudachError:
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("the inference backend did not answer in time")
+    return Unavailable(f"the inference backend is unavailable ({error.code().name})")
+
+
+class TritonEngine:
+    """Streams generations from one or more Triton servers (the least busy one per request)."""
+
+    def __init__(self, urls: Sequence[str], token_timeout_s: float) -> None:
+        if not urls:
+            raise ValueError("at least one Triton URL is required")
+        self._clients = [triton.InferenceServerClient(url) for url in urls]
+        self._in_flight = [0] * len(urls)
+        self._token_timeout_s = token_timeout_s
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[int]]:
+        # Fail over to the next server only while nothing has been generated: after that a
+        # retry would repeat text the caller has already seen.
+        order = sorted(range(len(self._clients)), key=self._in_flight.__getitem__)
+        for attempt, index in enumerate(order):
+            started = False
+            try:
+                async for ids in self._stream(index, request):
+                    started = True
+                    yield ids
+                return
+            except Unavailable:
+                if started or attempt == len(order) - 1:
+                    raise
+                log.warning("triton endpoint %d unavailable, trying the next one", index)
+
+    async def _stream(self, index: int, request: EngineRequest) -> AsyncIterator[list[int]]:
+        finished = asyncio.Event()
+
+        async def requests():
+            yield {
+                "model_name": request.model,
+                "inputs": build_inputs(request),
+                "request_id": request.request_id,
+            }
+            await finished.wait()  # keep our side open until the model has finished
+
+        self._in_flight[index] += 1
+        responses = self._clients[index].stream_infer(
+            inputs_iterator=requests(), headers=dict(request.trace_headers) or None
+        )
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._token_timeout_s):
+                        result, error = await responses.__anext__()
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the model produced no token for {self._token_timeout_s:g}s"
+                    ) from None
+                except StopAsyncIteration:
+                    raise Unavailable("the inference backend closed the stream early") from None
+                except grpc.aio.AioRpcError as rpc_error:
+                    raise _rpc_error(rpc_error) from None
+                if error is not None:
+                    raise _in_band_error(error)
+                ids = result.as_numpy("output_ids")
+                yield [] if ids is None else ids.reshape(-1).tolist()
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            finished.set()
+            self._in_flight[index] -= 1
+            responses.cancel()  # no-op after a clean end; cancels the request in the model otherwise
+
+    async def model_ready(self, model: str) -> bool:
+        for client in self._clients:
+            try:
+                if await client.is_model_ready(model, client_timeout=2):
+                    return True
+            except (InferenceServerException, grpc.aio.AioRpcError):
+                continue
+        return False
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.close()
