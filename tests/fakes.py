@@ -1,0 +1,47 @@
+"""A fake engine with knobs, behind the same seam as TritonEngine (for fast, deterministic tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from inference_svc.engine import EngineRequest
+
+
+@dataclass
+class FakeEngine:
+    """Yields `steps` (lists of token ids) one by one, `delay_s` apart.
+
+    fail_after: raise `error` after that many steps. Records every request, and whether the
+    generation was cancelled (its iterator closed or its task cancelled before the end).
+    """
+
+    steps: Sequence[Sequence[int]] = ()
+    delay_s: float = 0.0
+    fail_after: int | None = None
+    error: Exception | None = None
+    ready: bool = True
+    requests: list[EngineRequest] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[int]]:
+        self.requests.append(request)
+        done = False
+        try:
+            for n, ids in enumerate(self.steps):
+                if self.fail_after is not None and n == self.fail_after:
+                    raise self.error or RuntimeError("fake engine failure")
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                yield list(ids)
+            done = True
+        finally:
+            (self.completed if done else self.cancelled).append(request.request_id)
+
+    async def model_ready(self, model: str) -> bool:
+        return self.ready
+
+    async def close(self) -> None:
+        pass

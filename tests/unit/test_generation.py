@@ -1,0 +1,137 @@
+"""plan_generation's validation and stream_generation's events, over the fake engine."""
+
+import asyncio
+
+import pytest
+
+from cloudach.errors import InvalidArgument, NotFound, Unavailable
+from cloudach.inference.v1 import inference_pb2 as pb
+from inference_svc.generation import plan_generation, stream_generation
+from tests.fakes import FakeEngine
+
+MODEL = "smollm2-135m-instruct"
+
+
+def request(**kw) -> pb.GenerateRequest:
+    kw.setdefault("model", MODEL)
+    kw.setdefault("messages", [pb.ChatMessage(role=pb.ROLE_USER, content="Hi")])
+    return pb.GenerateRequest(**kw)
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        (dict(model=""), "model"),
+        (dict(messages=[]), "messages"),
+        (dict(messages=[pb.ChatMessage(role=pb.ROLE_UNSPECIFIED, content="x")]), "messages[0].role"),
+        (dict(sampling=pb.SamplingParameters(temperature=2.5)), "sampling.temperature"),
+        (dict(sampling=pb.SamplingParameters(temperature=float("nan"))), "sampling.temperature"),
+        (dict(sampling=pb.SamplingParameters(top_p=1.5)), "sampling.top_p"),
+        (dict(sampling=pb.SamplingParameters(presence_penalty=-3)), "sampling.presence_penalty"),
+        (dict(sampling=pb.SamplingParameters(frequency_penalty=2.5)), "sampling.frequency_penalty"),
+        (dict(stopping=pb.StoppingCriteria(max_new_tokens=0)), "stopping.max_new_tokens"),
+        (dict(stopping=pb.StoppingCriteria(max_new_tokens=100_000)), "stopping.max_new_tokens"),
+        (dict(stopping=pb.StoppingCriteria(stop_sequences=["a", "b", "c", "d", "e"])), "stopping.stop_sequences"),
+        (dict(stopping=pb.StoppingCriteria(stop_sequences=["ok", ""])), "stopping.stop_sequences[1]"),
+        (dict(request_id="x" * 200), "request_id"),
+    ],
+)
+def test_invalid_requests_name_the_offending_field(registry, fields, param):
+    with pytest.raises(InvalidArgument) as raised:
+        plan_generation(request(**fields), registry)
+    assert raised.value.param == param
+
+
+def test_an_unknown_model_is_not_found(registry):
+    with pytest.raises(NotFound) as raised:
+        plan_generation(request(model="gpt-9"), registry)
+    assert raised.value.code == "model_not_found" and raised.value.param == "model"
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_window_is_refused(registry):
+    long = pb.ChatMessage(role=pb.ROLE_USER, content="word " * 1900)
+    with pytest.raises(InvalidArgument) as raised:
+        plan_generation(request(messages=[long], stopping=pb.StoppingCriteria(max_new_tokens=500)), registry)
+    assert raised.value.param == "messages" and raised.value.code == "context_length_exceeded"
+    assert "maximum context length is 2048 tokens" in raised.value.message
+
+
+def test_without_max_tokens_the_default_is_bounded_by_the_room_left(registry):
+    long = pb.ChatMessage(role=pb.ROLE_USER, content="word " * 1800)
+    plan = plan_generation(request(messages=[long]), registry)
+    assert plan.prompt_tokens + plan.engine_request.max_new_tokens == 2048
+
+
+def test_temperature_zero_is_greedy_as_top_k_one_and_a_seed_is_always_sent(registry):
+    plan = plan_generation(request(sampling=pb.SamplingParameters(temperature=0)), registry)
+    r = plan.engine_request
+    assert (r.top_k, r.temperature) == (1, 1.0)
+    other = plan_generation(request(), registry).engine_request
+    assert r.seed != other.seed  # random per request unless the caller sets one
+    seeded = plan_generation(request(sampling=pb.SamplingParameters(seed=7)), registry).engine_request
+    assert seeded.seed == 7
+
+
+async def collect(plan, engine):
+    return [e async for e in stream_generation(plan, engine, max_request_s=60)]
+
+
+def text_of(events):
+    return "".join(e.delta.text for e in events if e.HasField("delta"))
+
+
+async def test_every_generated_token_is_counted_and_one_finished_event_ends_the_stream(registry):
+    tok = registry.get(MODEL).tokenizer
+    ids = tok.encode("Hello there, how are you today?")
+    engine = FakeEngine(steps=[[i] for i in ids])
+    plan = plan_generation(request(stopping=pb.StoppingCriteria(max_new_tokens=len(ids))), registry)
+    events = await collect(plan, engine)
+    assert text_of(events) == "Hello there, how are you today?"
+    assert [e.HasField("finished") for e in events].count(True) == 1 and events[-1].HasField("finished")
+    finished = events[-1].finished
+    assert finished.finish_reason == pb.FINISH_REASON_LENGTH
+    assert finished.usage.completion_tokens == len(ids)
+    assert finished.usage.prompt_tokens == plan.prompt_tokens
+    assert sum(e.delta.token_count for e in events if e.HasField("delta")) == len(ids)
+
+
+async def test_the_end_token_stops_the_stream_and_is_not_shown(registry):
+    tok = registry.get(MODEL).tokenizer
+    ids = tok.encode("Done.")
+    engine = FakeEngine(steps=[ids + [2], tok.encode(" never seen")])
+    events = await collect(plan_generation(request(), registry), engine)
+    assert text_of(events) == "Done."
+    assert events[-1].finished.finish_reason == pb.FINISH_REASON_STOP
+    assert events[-1].finished.usage.completion_tokens == len(ids) + 1
+    assert engine.cancelled  # the rest of the generation was abandoned
+
+
+async def test_a_stop_sequence_across_tokens_ends_generation_and_cancels_the_engine(registry):
+    tok = registry.get(MODEL).tokenizer
+    steps = [[i] for i in tok.encode("one two three four five six")]
+    engine = FakeEngine(steps=steps)
+    plan = plan_generation(request(stopping=pb.StoppingCriteria(stop_sequences=["e fo"])), registry)
+    events = await collect(plan, engine)
+    assert text_of(events) == "one two thre"
+    finished = events[-1].finished
+    assert finished.finish_reason == pb.FINISH_REASON_STOP and finished.matched_stop_sequence == "e fo"
+    assert engine.cancelled == [plan.engine_request.request_id]
+    assert finished.usage.completion_tokens < len(steps)
+
+
+async def test_engine_failure_propagates_as_its_own_error(registry):
+    tok = registry.get(MODEL).tokenizer
+    engine = FakeEngine(steps=[[i] for i in tok.encode("a b c d")], fail_after=2, error=Unavailable("down"))
+    with pytest.raises(Unavailable):
+        await collect(plan_generation(request(), registry), engine)
+
+
+async def test_cancelling_the_consumer_cancels_the_engine(registry):
+    engine = FakeEngine(steps=[[100]] * 1000, delay_s=0.01)
+    plan = plan_generation(request(), registry)
+    task = asyncio.create_task(collect(plan, engine))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.cancelled == [plan.engine_request.request_id]
