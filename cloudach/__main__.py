@@ -1,0 +1,5 @@
+import sys
+
+from cloudach.cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""The `cloudach` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cloudach", description="Cloudach: an OpenAI-compatible LLM API")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="run the local stack until Ctrl-C (what `make run` calls)")
+    up.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path(".cloudach"))
+    up.add_argument(
+        "--inference-port", type=int, default=int(os.environ.get("CLOUDACH_INFERENCE_PORT", "50051"))
+    )
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        from cloudach.launcher.stack import run_stack
+
+        return run_stack(args.state_dir, args.inference_port)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
