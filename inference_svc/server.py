@@ -55,6 +55,7 @@ async def running_inference(
         config.listen_address,
         lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
         [SERVICE_NAME],
+        serving=False,  # until _watch_health has seen a model ready in Triton
     )
     watcher = asyncio.create_task(_watch_health(server, registry, engine, config.health_poll_s))
     try:

@@ -6,12 +6,10 @@ we serve (Llama 3, SmolLM2) use byte-level BPE, so concatenated token bytes are 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Protocol
 
+from cloudach.paths import resolve_path
 from inference_svc.templates import Piece, Special
 
 
@@ -37,17 +35,6 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece]) -> list[int]:
     return ids
 
 
-def resolve_path(spec: str) -> str:
-    """"pkg:PACKAGE/FILE" finds FILE inside an installed package without importing it."""
-    if not spec.startswith("pkg:"):
-        return spec
-    package, _, relative = spec[4:].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed")
-    return os.path.join(list(found.submodule_search_locations)[0], relative)
-
-
 class GgufTokenizer:
     """The tokenizer stored in a GGUF file, through llama.cpp (the model's own)."""
 
@@ -57,16 +44,18 @@ class GgufTokenizer:
         self._llama = Llama(model_path=path, vocab_only=True, verbose=False)
         self.vocab_size = self._llama.n_vocab()
         self.token_bytes = tuple(self._llama.detokenize([i], special=False) for i in range(self.vocab_size))
+        self._special: dict[str, int] = {}
 
     def encode(self, text: str) -> list[int]:
         return self._llama.tokenize(text.encode(), add_bos=False, special=False)
 
-    @lru_cache(maxsize=64)
     def special_id(self, token: str) -> int:
-        ids = self._llama.tokenize(token.encode(), add_bos=False, special=True)
-        if len(ids) != 1:
-            raise ValueError(f"{token!r} is not a single control token of this tokenizer")
-        return ids[0]
+        if token not in self._special:
+            ids = self._llama.tokenize(token.encode(), add_bos=False, special=True)
+            if len(ids) != 1:
+                raise ValueError(f"{token!r} is not a single control token of this tokenizer")
+            self._special[token] = ids[0]
+        return self._special[token]
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -46,8 +46,11 @@ async def start_grpc_server(
     service_names: Sequence[str],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, object]] = (),
+    serving: bool = True,
 ) -> GrpcServer:
-    """Starts a server on address ("host:0" picks a free port) with register()'s services."""
+    """Starts a server on address ("host:0" picks a free port) with register()'s services.
+
+    serving=False starts it NOT_SERVING, for a service whose readiness a watcher decides."""
     server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=list(options))
     register(server)
     health_servicer = health.aio.HealthServicer()
@@ -60,7 +63,7 @@ async def start_grpc_server(
         raise OSError(f"cannot listen on {address}")
     await server.start()
     running = GrpcServer(server, health_servicer, port, tuple(service_names))
-    await running.set_serving(True)
+    await running.set_serving(serving)
     return running
 
 

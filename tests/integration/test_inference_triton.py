@@ -17,7 +17,7 @@ from cloudach.rpc.errors import error_from_rpc
 from inference_svc.generation import ROLES
 from inference_svc.server import running_inference
 from inference_svc.templates import Message, render_text
-from inference_svc.tokenizer import resolve_path
+from cloudach.paths import resolve_path
 from tests.conftest import MODEL, inference_config, launch_triton, model_metrics
 
 pytestmark = pytest.mark.triton

