@@ -19,6 +19,10 @@ from inference_svc.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
+#: Initial metadata sent once a request is validated and about to be generated: callers (the
+#: edge) can commit to a successful response before the first token, and know the prompt's size.
+PROMPT_TOKENS_KEY = "x-prompt-tokens"
+
 
 def trace_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """The caller's W3C trace context, re-injected for Triton's own spans."""
@@ -50,6 +54,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         plan = None
         try:
             plan = plan_generation(request, self._registry, trace_headers(context))
+            await context.send_initial_metadata(((PROMPT_TOKENS_KEY, str(plan.prompt_tokens)),))
             async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
                 yield event
         except asyncio.CancelledError:

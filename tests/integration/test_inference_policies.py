@@ -88,3 +88,18 @@ async def test_without_triton_requests_fail_fast_as_unavailable_and_health_says_
             await asyncio.sleep(0.5)
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_valid_request_is_acknowledged_with_its_prompt_size_before_any_token(registry):
+    engine = FakeEngine(steps=[[100]], delay_s=0.5)
+    async with serving(engine, registry) as running:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT))
+            async with asyncio.timeout(0.4):  # well before the first token
+                metadata = dict(await call.initial_metadata())
+            assert int(metadata["x-prompt-tokens"]) > 0
+            await call.read()
+            refused = stub.Generate(pb.GenerateRequest(model="nope", messages=CHAT))
+            assert "x-prompt-tokens" not in dict(await refused.initial_metadata())
+            assert await refused.code() == grpc.StatusCode.NOT_FOUND
