@@ -156,6 +156,8 @@ async def stream_generation(
         async for ids in steps:
             if not ids:
                 continue
+            if len(ids) > request.max_new_tokens - generated:
+                ids = ids[: request.max_new_tokens - generated]  # never more than asked, whatever the backend does
             if not outcome.time_to_first_token_ns:
                 outcome.time_to_first_token_ns = clock() - start
             cut = next((i for i, t in enumerate(ids) if t in end_ids), -1)
@@ -169,6 +171,8 @@ async def stream_generation(
                 unreported = 0
             if matched is not None or cut >= 0:
                 ended_by_model = cut >= 0
+                break
+            if generated >= request.max_new_tokens:
                 break
             if clock() > deadline:
                 raise DeadlineExceeded(f"generation ran past the {max_request_s:g}s limit")

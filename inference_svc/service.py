@@ -10,6 +10,7 @@ import grpc
 from opentelemetry import propagate
 
 from cloudach.errors import ResourceExhausted
+from cloudach.metadata import PROMPT_TOKENS
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from inference_svc.config import InferenceConfig
@@ -18,10 +19,6 @@ from inference_svc.generation import Outcome, plan_generation, stream_generation
 from inference_svc.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
-
-#: Initial metadata sent once a request is validated and about to be generated: callers (the
-#: edge) can commit to a successful response before the first token, and know the prompt's size.
-PROMPT_TOKENS_KEY = "x-prompt-tokens"
 
 
 def trace_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -54,7 +51,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         plan = None
         try:
             plan = plan_generation(request, self._registry, trace_headers(context))
-            await context.send_initial_metadata(((PROMPT_TOKENS_KEY, str(plan.prompt_tokens)),))
+            # Accepted: the caller may commit to a successful response before the first token.
+            await context.send_initial_metadata(((PROMPT_TOKENS, str(plan.prompt_tokens)),))
             async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
                 yield event
         except asyncio.CancelledError:

@@ -70,3 +70,45 @@ def model_metrics(server: TritonServer) -> dict[str, float]:
             key = match.group(1) + (f":{outcome.group(1)}" if outcome else "")
             found[key] = float(match.group(3))
     return found
+
+
+# -- the edge ---------------------------------------------------------------------------------
+
+API_KEY = "ck-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
+
+import contextlib  # noqa: E402
+
+from aiohttp import web  # noqa: E402
+
+from edge.app import create_app  # noqa: E402
+from edge.config import EdgeConfig, key_digest  # noqa: E402
+
+
+@contextlib.asynccontextmanager
+async def running_edge(inference_address: str, **overrides):
+    """The edge app on a free loopback port, as `python -m edge` runs it; yields its base URL."""
+    config = EdgeConfig(inference_target=inference_address, api_key_digests=frozenset({key_digest(API_KEY)}), **overrides)
+    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def edge_url(inference):
+    """The edge in front of the real inference_svc and Triton."""
+    async with running_edge(inference.address) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def edge_over_fake(engine, registry, **edge_overrides):
+    """The edge in front of a real inference_svc whose engine is the fake one."""
+    async with running_inference(inference_config(), engine=engine, registry=registry) as inf:
+        async with running_edge(inf.address, **edge_overrides) as url:
+            yield url

@@ -34,8 +34,17 @@ def to_status(error: CloudachError) -> grpc.Status:
 
 def error_from_rpc(error: grpc.aio.AioRpcError) -> CloudachError:
     """The CloudachError a server raised, rebuilt from the call's status and details."""
+    return error_from_status(error.code(), error.details(), error.trailing_metadata())
+
+
+async def error_from_call(call: grpc.aio.Call) -> CloudachError:
+    """The same, for a call that ended with an error before any message."""
+    return error_from_status(await call.code(), await call.details(), await call.trailing_metadata())
+
+
+def error_from_status(status_code: grpc.StatusCode, details: str | None, trailing_metadata) -> CloudachError:
     param = code = None
-    for key, value in error.trailing_metadata() or ():
+    for key, value in trailing_metadata or ():
         if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
             continue
         status = status_pb2.Status.FromString(value)
@@ -48,8 +57,8 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> CloudachError:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 code = info.reason or None
-    cls = BY_STATUS.get(error.code(), Internal)
-    return cls(error.details() or error.code().name, param=param, code=code)
+    cls = BY_STATUS.get(status_code, Internal)
+    return cls(details or status_code.name, param=param, code=code)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -104,4 +113,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-__all__ = ["ErrorInterceptor", "error_from_rpc", "to_status"]
+__all__ = ["ErrorInterceptor", "error_from_call", "error_from_rpc", "error_from_status", "to_status"]

@@ -135,3 +135,17 @@ async def test_cancelling_the_consumer_cancels_the_engine(registry):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert engine.cancelled == [plan.engine_request.request_id]
+
+
+async def test_a_backend_that_overshoots_max_tokens_is_cut_at_the_limit(registry):
+    tok = registry.get(MODEL).tokenizer
+    engine = FakeEngine(steps=[tok.encode(" one two three")] * 10)
+    plan = plan_generation(request(stopping=pb.StoppingCriteria(max_new_tokens=4)), registry)
+    events = await collect(plan, engine)
+    finished = events[-1].finished
+    assert finished.usage.completion_tokens == 4 and finished.finish_reason == pb.FINISH_REASON_LENGTH
+    assert text_of(events) == tok_text(tok, (tok.encode(" one two three") * 2)[:4])
+
+
+def tok_text(tok, ids):
+    return b"".join(tok.token_bytes[i] for i in ids).decode()

@@ -239,6 +239,9 @@ class TritonPythonModel:
             return "cancelled"
         if job.seed is not None:
             self.llm.set_seed(int(job.seed) & 0xFFFFFFFF)
+        # Evaluate every prompt from scratch: reusing a cached prefix changes the floating-point
+        # order of the suffix's evaluation, and a near-tie can then flip a greedy or seeded choice.
+        self.llm.reset()
         generated: list[int] = []
         unsent: list[int] = []
         tokens = self.llm.generate(

@@ -1,0 +1,1 @@
+"""The edge: Cloudach's OpenAI-compatible HTTP/SSE API, in front of inference_svc."""

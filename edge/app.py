@@ -1,0 +1,95 @@
+"""The edge's app factory: routes, middlewares, and the inference_svc channel's lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from aiohttp import web
+
+from cloudach.errors import CloudachError
+from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from edge import chat, models, openapi
+from edge.auth import StaticKeys
+from edge.config import EdgeConfig
+from edge.errors import ApiError, from_domain
+from edge.http import REQUEST_ID, STARTED, Admission, request_id
+from edge.state import STATE, EdgeState
+
+log = logging.getLogger("edge.access")
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiError:
+    if isinstance(exc, web.HTTPNotFound):
+        return ApiError(404, f"Invalid URL ({request.method} {request.path})")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = exc.headers.get("Allow", "")
+        return ApiError(405, f"Method {request.method} is not allowed for {request.path}.", headers={"Allow": allow})
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[STATE].config.max_body_bytes
+        return ApiError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+    return ApiError(exc.status, exc.reason, type="invalid_request_error" if exc.status < 500 else "server_error")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Gives every request an id and turns every error into OpenAI's envelope. Logs no bodies, no keys."""
+    request[REQUEST_ID] = request_id(request)
+    request[STARTED] = time.monotonic()
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = _error_response(error)
+    except CloudachError as error:
+        response = _error_response(from_domain(error))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _error_response(_from_http_exception(request, exc))
+    except Exception:  # noqa: BLE001 - the one place unexpected errors become a 500
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request[REQUEST_ID])
+        response = _error_response(ApiError(500, "The server had an error while processing your request.", type="server_error"))
+    log.info("%s %s %d %.1fms request_id=%s", request.method, request.path, response.status,
+             (time.monotonic() - request[STARTED]) * 1000, request[REQUEST_ID])
+    return response
+
+
+def _error_response(error: ApiError) -> web.Response:
+    return web.Response(status=error.status, body=error.body(), content_type="application/json", headers=error.headers)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        request.app[STATE].keys.check(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request)
+    started = request.get(STARTED)
+    if started is not None:
+        response.headers["openai-processing-ms"] = str(int((time.monotonic() - started) * 1000))
+
+
+async def inference_channel(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    async with grpc.aio.insecure_channel(state.config.inference_target) as channel:
+        state.inference = InferenceServiceStub(channel)
+        yield
+
+
+def create_app(config: EdgeConfig) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=config.max_body_bytes)
+    app[STATE] = EdgeState(config, StaticKeys(config.api_key_digests), Admission(config.max_concurrent_requests))
+    app.cleanup_ctx.append(inference_channel)
+    app.on_response_prepare.append(_common_headers)
+    app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
+    app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/v1/models/{model:.+}", models.retrieve_model)
+    app.router.add_get("/health", models.health)
+    app.router.add_get("/ready", models.ready)
+    app.router.add_get("/openapi.json", openapi.openapi_json)
+    return app

@@ -1,0 +1,215 @@
+"""POST /v1/chat/completions: an OpenAI request in, inference_svc's stream out as SSE or JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from cloudach.errors import Unavailable
+from cloudach.inference.v1 import inference_pb2 as pb
+from cloudach.metadata import PROMPT_TOKENS, TRACE_HEADERS
+from cloudach.rpc.errors import error_from_call, error_from_rpc
+from edge.errors import ApiError, bad_request, from_domain
+from edge.http import read_json_object
+from edge.schema import CREATE_CHAT_COMPLETION_REQUEST
+from edge.sse import DONE, KEEPALIVE, ChunkEncoder, error_event, usage_dict
+from edge.state import STATE
+from edge.validation import validate
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length"}  # everything else ends as "stop"
+#: Text held while the client reads slowly is merged into one event, up to this many characters;
+#: past it the relay waits for the client (and so, through gRPC flow control, the model's stream).
+MAX_PENDING_CHARS = 64 * 1024
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    id: str
+    created: int
+    model: str
+    stream: bool
+    include_usage: bool
+    generate: pb.GenerateRequest
+    #: which of max_tokens / max_completion_tokens the caller used, to name it in errors
+    max_tokens_name: str
+
+
+def _content(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def parse_chat_request(body: dict) -> ChatRequest:
+    """Validates an OpenAI request body against the published schema and translates it."""
+    validate(CREATE_CHAT_COMPLETION_REQUEST, body)
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          param="stream_options")
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    sampling = pb.SamplingParameters(
+        presence_penalty=body.get("presence_penalty") or 0.0,
+        frequency_penalty=body.get("frequency_penalty") or 0.0,
+    )
+    for field in ("temperature", "top_p", "seed"):
+        if body.get(field) is not None:
+            setattr(sampling, field, body[field])
+    stopping = pb.StoppingCriteria()
+    max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if body.get(max_tokens_name) is not None:
+        stopping.max_new_tokens = body[max_tokens_name]
+    stop = body.get("stop")
+    if stop is not None:
+        stopping.stop_sequences.extend([stop] if isinstance(stop, str) else stop)
+    generate = pb.GenerateRequest(
+        request_id=completion_id,
+        model=body["model"],
+        messages=[pb.ChatMessage(role=ROLES[m["role"]], content=_content(m["content"])) for m in body["messages"]],
+        sampling=sampling,
+        stopping=stopping,
+    )
+    return ChatRequest(
+        id=completion_id,
+        created=int(time.time()),
+        model=body["model"],
+        stream=stream,
+        include_usage=bool(options and options.get("include_usage")),
+        generate=generate,
+        max_tokens_name=max_tokens_name,
+    )
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    chat = parse_chat_request(await read_json_object(request))
+    with state.admission:
+        metadata = tuple((h, request.headers[h]) for h in TRACE_HEADERS if h in request.headers)
+        call = state.inference.Generate(chat.generate, timeout=state.config.request_timeout_s, metadata=metadata)
+        try:
+            prompt_tokens = await _accepted(call, chat)
+            if chat.stream:
+                return await _stream(request, call, chat, prompt_tokens)
+            return await _complete(call, chat)
+        finally:
+            call.cancel()  # a no-op once the call has ended; otherwise the generation stops
+
+
+async def _accepted(call: grpc.aio.UnaryStreamCall, chat: ChatRequest) -> int:
+    """Waits for inference_svc to accept the request; a refusal becomes its HTTP error."""
+    value = dict(await call.initial_metadata() or ()).get(PROMPT_TOKENS)
+    if value is None:
+        raise from_domain(await error_from_call(call), chat.max_tokens_name)
+    return int(value)
+
+
+async def _first_message(response: web.StreamResponse, call: grpc.aio.UnaryStreamCall, keepalive_s: float):
+    """The first event, with keep-alive comments while a long prompt is prefilled."""
+    read = asyncio.ensure_future(call.read())
+    try:
+        while True:
+            done, _ = await asyncio.wait((read,), timeout=keepalive_s)
+            if done:
+                return read.result()
+            await response.write(KEEPALIVE)
+    finally:
+        read.cancel()
+
+
+async def _relay(request: web.Request, response: web.StreamResponse, call, encoder: ChunkEncoder) -> pb.Finished:
+    """Streams deltas as content chunks, merging them while the client's socket is backed up."""
+    transport = request.transport
+    message = await _first_message(response, call, request.app[STATE].config.keepalive_s)
+    pending: list[str] = []
+    pending_chars = 0
+    while message is not grpc.aio.EOF:
+        if message.HasField("finished"):
+            if pending:
+                await response.write(encoder.content("".join(pending)))
+            return message.finished
+        text = message.delta.text
+        pending.append(text)
+        pending_chars += len(text)
+        backed_up = transport is not None and transport.get_write_buffer_size() > 0
+        if not backed_up or pending_chars >= MAX_PENDING_CHARS:
+            await response.write(encoder.content(text if len(pending) == 1 else "".join(pending)))
+            pending.clear()
+            pending_chars = 0
+        message = await call.read()
+    raise Unavailable("the inference stream ended before the generation finished")
+
+
+async def _stream(request: web.Request, call, chat: ChatRequest, prompt_tokens: int) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    await response.prepare(request)
+    _bound_send_buffer(request, request.app[STATE].config.stream_send_buffer_bytes)
+    encoder = ChunkEncoder(chat.id, chat.created, chat.model, chat.include_usage)
+    try:
+        await response.write(encoder.role())
+        finished = await _relay(request, response, call, encoder)
+        usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
+        await response.write(encoder.finish(FINISH_REASONS.get(finished.finish_reason, "stop"), usage))
+        if chat.include_usage:
+            await response.write(encoder.usage(usage))
+        await response.write(DONE)
+    except (grpc.aio.AioRpcError, Unavailable) as failure:
+        # After the 200 the error travels in-band; the SDKs raise it during iteration.
+        domain = error_from_rpc(failure) if isinstance(failure, grpc.aio.AioRpcError) else failure
+        log.warning("stream %s failed mid-way: %s", chat.id, domain.message)
+        await response.write(error_event(from_domain(domain, chat.max_tokens_name).envelope()))
+    except ConnectionResetError:
+        log.info("client went away during stream %s", chat.id)
+        return response
+    await response.write_eof()
+    return response
+
+
+def _bound_send_buffer(request: web.Request, size: int) -> None:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and size > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+async def _complete(call, chat: ChatRequest) -> web.Response:
+    parts: list[str] = []
+    finished = None
+    try:
+        while (message := await call.read()) is not grpc.aio.EOF:
+            if message.HasField("finished"):
+                finished = message.finished
+            else:
+                parts.append(message.delta.text)
+    except grpc.aio.AioRpcError as failure:
+        raise from_domain(error_from_rpc(failure), chat.max_tokens_name) from None
+    if finished is None:
+        raise from_domain(Unavailable("the inference stream ended before the generation finished"))
+    body = {
+        "id": chat.id,
+        "object": "chat.completion",
+        "created": chat.created,
+        "model": chat.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(finished.finish_reason, "stop"),
+            }
+        ],
+        "usage": usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens),
+    }
+    return web.Response(body=json.dumps(body, ensure_ascii=False).encode(), content_type="application/json")
+
+
+__all__ = ["ApiError", "create_chat_completion", "parse_chat_request"]

@@ -1,0 +1,201 @@
+"""The public API's schemas, as JSON Schema (OpenAPI 3.1) documents.
+
+This is the one description of the API: edge.validation checks requests against it and
+edge.openapi publishes it at /openapi.json, so the two cannot drift. Names follow OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Schema = dict[str, Any]
+
+
+def nullable(schema: Schema) -> Schema:
+    """The schema, or null (OpenAI accepts null for every optional field)."""
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    return {**schema, "type": [*types, "null"]}
+
+
+TEXT_PART: Schema = {
+    "type": "object",
+    "description": "A text content part. Images, audio and files are not supported yet.",
+    "properties": {
+        "type": {"type": "string", "enum": ["text"]},
+        "text": {"type": "string"},
+    },
+    "required": ["type", "text"],
+    "additionalProperties": False,
+}
+
+MESSAGE: Schema = {
+    "type": "object",
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {
+            "type": ["string", "array"],
+            "items": TEXT_PART,
+            "description": "A string, or an array of text parts.",
+        },
+        "name": {"type": "string", "description": "Accepted; not used by the model."},
+    },
+    "required": ["role", "content"],
+    "additionalProperties": False,
+}
+
+#: Fields OpenAI defines that Cloudach does not implement yet: accepted only at these values.
+NEUTRAL_VALUES: dict[str, list[Any]] = {
+    "tools": [None, []],
+    "tool_choice": [None, "none", "auto"],
+    "parallel_tool_calls": [None, True, False],
+    "functions": [None, []],
+    "function_call": [None, "none", "auto"],
+    "response_format": [None, {"type": "text"}],
+    "logprobs": [None, False],
+    "top_logprobs": [None, 0],
+    "logit_bias": [None, {}],
+    "store": [None, False],
+    "metadata": [None, {}],
+    "service_tier": [None, "auto", "default"],
+    "modalities": [None, ["text"]],
+    "audio": [None],
+    "prediction": [None],
+    "reasoning_effort": [None],
+    "web_search_options": [None],
+}
+
+CREATE_CHAT_COMPLETION_REQUEST: Schema = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "description": "A model id from GET /v1/models."},
+        "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
+        "max_tokens": nullable({"type": "integer", "minimum": 1}),
+        "max_completion_tokens": nullable({"type": "integer", "minimum": 1}),
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "seed": nullable({"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
+        "stop": {
+            "type": ["string", "array", "null"],
+            "items": {"type": "string"},
+            "maxItems": 4,
+            "description": "Up to 4 sequences where generation stops; they are not returned.",
+        },
+        "presence_penalty": nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "frequency_penalty": nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "Only 1 is supported."}),
+        "stream": nullable({"type": "boolean"}),
+        "stream_options": nullable(
+            {
+                "type": "object",
+                "properties": {"include_usage": {"type": "boolean"}},
+                "additionalProperties": False,
+            }
+        ),
+        "user": {"type": "string"},
+        **{name: {"description": f"Accepted only as one of {values!r}: not supported yet."}
+           for name, values in NEUTRAL_VALUES.items()},
+    },
+    "required": ["model", "messages"],
+    "additionalProperties": False,
+}
+
+USAGE: Schema = {
+    "type": "object",
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+    },
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+}
+
+FINISH_REASON: Schema = {"type": "string", "enum": ["stop", "length"]}
+
+CHAT_COMPLETION: Schema = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["chat.completion"]},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "index": {"type": "integer"},
+                    "message": {
+                        "type": "object",
+                        "properties": {
+                            "role": {"type": "string", "enum": ["assistant"]},
+                            "content": {"type": "string"},
+                            "refusal": {"type": "null"},
+                        },
+                    },
+                    "logprobs": {"type": "null"},
+                    "finish_reason": FINISH_REASON,
+                },
+            },
+        },
+        "usage": USAGE,
+    },
+}
+
+CHAT_COMPLETION_CHUNK: Schema = {
+    "type": "object",
+    "description": "One Server-Sent Event `data:` payload of a streamed chat completion.",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["chat.completion.chunk"]},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "index": {"type": "integer"},
+                    "delta": {
+                        "type": "object",
+                        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+                    },
+                    "logprobs": {"type": "null"},
+                    "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", None]},
+                },
+            },
+        },
+        "usage": {"anyOf": [USAGE, {"type": "null"}]},
+    },
+}
+
+MODEL: Schema = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["model"]},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
+
+MODEL_LIST: Schema = {
+    "type": "object",
+    "properties": {"object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": MODEL}},
+}
+
+ERROR_RESPONSE: Schema = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type", "param", "code"],
+        }
+    },
+    "required": ["error"],
+}

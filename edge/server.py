@@ -1,0 +1,27 @@
+"""Runs the edge: `python -m edge`. Client disconnects cancel their handlers (and so generation)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+
+from edge.app import create_app
+from edge.config import EdgeConfig
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = EdgeConfig.from_env()
+    if not config.api_key_digests:
+        sys.exit("edge: no API key configured (CLOUDACH_API_KEY or CLOUDACH_API_KEY_FILE); refusing to serve")
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=config.shutdown_grace_s,
+        print=lambda msg: logging.getLogger("edge").info("edge listening on http://%s:%d", config.host, config.port),
+    )
