@@ -16,11 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--inference-port", type=int, default=int(os.environ.get("CLOUDACH_INFERENCE_PORT", "50051"))
     )
+    up.add_argument("--port", type=int, default=int(os.environ.get("CLOUDACH_PORT", "8080")),
+                    help="the HTTP API's port (default 8080, or CLOUDACH_PORT)")
     args = parser.parse_args(argv)
     if args.command == "up":
         from cloudach.launcher.stack import run_stack
 
-        return run_stack(args.state_dir, args.inference_port)
+        return run_stack(args.state_dir, args.inference_port, args.port)
     return 2
 
 

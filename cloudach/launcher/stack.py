@@ -1,6 +1,7 @@
-"""The local stack as real processes: Triton with the CPU model, then inference_svc.
+"""The local stack as real processes: Triton with the CPU model, inference_svc, then the edge.
 
-State (logs) lives under the state directory; Ctrl-C or SIGTERM stops everything, in reverse order.
+State (logs, the dev API key) lives under the state directory; Ctrl-C or SIGTERM stops
+everything, in reverse order, leaving no process behind.
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,14 +41,37 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen) -> N
     raise TimeoutError(f"{address} not serving after {timeout_s}s")
 
 
-def start_inference(triton: TritonServer, port: int, logs: pathlib.Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["CLOUDACH_TRITON_URLS"] = triton.grpc_url
-    env["CLOUDACH_INFERENCE_LISTEN"] = f"127.0.0.1:{port}"
-    with open(logs / "inference_svc.log", "ab") as log:
+def start_service(module: str, env: dict[str, str], log_path: pathlib.Path) -> subprocess.Popen:
+    """`python -m module` with env added to ours, its output appended to log_path."""
+    with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "inference_svc"], stdout=log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", module], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )
+
+
+def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def dev_api_key(state_dir: pathlib.Path) -> pathlib.Path:
+    """The local stack's API key, made once and kept in a file only its owner can read."""
+    path = state_dir / "dev-api-key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text("ck-" + secrets.token_urlsafe(32) + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
@@ -57,36 +84,55 @@ def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
             process.wait()
 
 
-def run_stack(state_dir: pathlib.Path, inference_port: int) -> int:
+def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int) -> int:
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    key_file = dev_api_key(state_dir)
     print(f"starting Triton Inference Server with the CPU model (log: {logs / 'tritonserver.log'})", flush=True)
     triton = start_triton(logs / "tritonserver.log")
-    inference = None
+    services: list[subprocess.Popen] = []
     try:
         triton.wait_ready(["tensorrt_llm"], timeout_s=120)
         print(f"  Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}", flush=True)
-        inference = start_inference(triton, inference_port, logs)
-        wait_serving(f"127.0.0.1:{inference_port}", 60, inference)
-        print(f"  inference_svc ready: gRPC 127.0.0.1:{inference_port} (log: {logs / 'inference_svc.log'})")
-        print("Cloudach is up. Ctrl-C stops it.", flush=True)
-        asyncio.run(_wait_for_exit(triton, inference))
+        inference_address = f"127.0.0.1:{inference_port}"
+        services.append(start_service(
+            "inference_svc",
+            {"CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": inference_address},
+            logs / "inference_svc.log",
+        ))
+        wait_serving(inference_address, 60, services[-1])
+        print(f"  inference_svc ready: gRPC {inference_address}", flush=True)
+        services.append(start_service(
+            "edge",
+            {"CLOUDACH_INFERENCE_TARGET": inference_address, "CLOUDACH_PORT": str(edge_port),
+             "CLOUDACH_API_KEY_FILE": str(key_file.resolve())},
+            logs / "edge.log",
+        ))
+        wait_http_ok(f"http://127.0.0.1:{edge_port}/ready", 60, services[-1])
+        print(f"""
+Cloudach is up.
+  base URL: http://127.0.0.1:{edge_port}/v1
+  API key:  {key_file.read_text().strip()}   (also in {key_file})
+  model:    smollm2-135m-instruct
+  logs:     {logs}/
+Ctrl-C stops it.""", flush=True)
+        asyncio.run(_wait_for_exit(triton, services))
         return 0
     except KeyboardInterrupt:
         return 0
     finally:
         print("stopping...", flush=True)
-        if inference is not None:
-            stop(inference)
+        for process in reversed(services):
+            stop(process)
         triton.stop()
 
 
-async def _wait_for_exit(triton: TritonServer, inference: subprocess.Popen) -> None:
+async def _wait_for_exit(triton: TritonServer, services: list[subprocess.Popen]) -> None:
     from cloudach.rpc.server import wait_for_termination_signal
 
     signalled = asyncio.create_task(wait_for_termination_signal())
     while not signalled.done():
-        if not triton.is_running() or inference.poll() is not None:
+        if not triton.is_running() or any(p.poll() is not None for p in services):
             signalled.cancel()
             raise RuntimeError("a service of the stack exited; see the logs under .cloudach/logs")
         await asyncio.sleep(0.5)
