@@ -69,8 +69,9 @@ CREATE_CHAT_COMPLETION_REQUEST: Schema = {
     "properties": {
         "model": {"type": "string", "description": "A model id from GET /v1/models."},
         "messages": {"type": "array", "items": MESSAGE, "minItems": 1},
-        "max_tokens": nullable({"type": "integer", "minimum": 1}),
-        "max_completion_tokens": nullable({"type": "integer", "minimum": 1}),
+        # int32, as TensorRT-LLM's request_output_len; the model's own limit is checked later.
+        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1}),
+        "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1}),
         "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
         "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
         "seed": nullable({"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
