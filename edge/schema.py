@@ -112,62 +112,48 @@ USAGE: Schema = {
 
 FINISH_REASON: Schema = {"type": "string", "enum": ["stop", "length"]}
 
-CHAT_COMPLETION: Schema = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"type": "string", "enum": ["chat.completion"]},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "index": {"type": "integer"},
-                    "message": {
-                        "type": "object",
-                        "properties": {
-                            "role": {"type": "string", "enum": ["assistant"]},
-                            "content": {"type": "string"},
-                            "refusal": {"type": "null"},
-                        },
-                    },
-                    "logprobs": {"type": "null"},
-                    "finish_reason": FINISH_REASON,
-                },
-            },
+def _completion(object_name: str, choice: Schema, usage: Schema, description: str = "") -> Schema:
+    """chat.completion and chat.completion.chunk share their envelope; only the choices differ."""
+    return {
+        "type": "object",
+        **({"description": description} if description else {}),
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": [object_name]},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object", "properties": {
+                "index": {"type": "integer"}, **choice, "logprobs": {"type": "null"}}}},
+            "usage": usage,
         },
-        "usage": USAGE,
-    },
-}
+    }
 
-CHAT_COMPLETION_CHUNK: Schema = {
-    "type": "object",
-    "description": "One Server-Sent Event `data:` payload of a streamed chat completion.",
-    "properties": {
-        "id": {"type": "string"},
-        "object": {"type": "string", "enum": ["chat.completion.chunk"]},
-        "created": {"type": "integer"},
-        "model": {"type": "string"},
-        "choices": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "index": {"type": "integer"},
-                    "delta": {
-                        "type": "object",
-                        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
-                    },
-                    "logprobs": {"type": "null"},
-                    "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", None]},
-                },
+
+CHAT_COMPLETION = _completion(
+    "chat.completion",
+    {
+        "message": {
+            "type": "object",
+            "properties": {
+                "role": {"type": "string", "enum": ["assistant"]},
+                "content": {"type": "string"},
+                "refusal": {"type": "null"},
             },
         },
-        "usage": {"anyOf": [USAGE, {"type": "null"}]},
+        "finish_reason": FINISH_REASON,
     },
-}
+    USAGE,
+)
+
+CHAT_COMPLETION_CHUNK = _completion(
+    "chat.completion.chunk",
+    {
+        "delta": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
+        "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", None]},
+    },
+    {"anyOf": [USAGE, {"type": "null"}]},
+    "One Server-Sent Event `data:` payload of a streamed chat completion.",
+)
 
 MODEL: Schema = {
     "type": "object",
