@@ -7,16 +7,21 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import redis.asyncio as redis
 from aiohttp import web
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
+from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.errors import CloudachError
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from edge import chat, models, openapi
-from edge.auth import StaticKeys
+from edge.auth import Authenticator
 from edge.config import EdgeConfig
 from edge.errors import ApiError, from_domain
 from edge.http import REQUEST_ID, STARTED, Admission, request_id
-from edge.state import STATE, EdgeState
+from edge.ratelimit import InProcessLimiter
+from edge.ratelimit_redis import RedisLimiter
+from edge.state import PRINCIPAL, RATE_HEADERS, STATE, EdgeState
 
 log = logging.getLogger("edge.access")
 
@@ -41,7 +46,7 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     try:
         response = await handler(request)
     except ApiError as error:
-        response = _error_response(error)
+        response = _error_response(error, request.get(RATE_HEADERS))
     except CloudachError as error:
         response = _error_response(from_domain(error))
     except web.HTTPException as exc:
@@ -56,35 +61,52 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
     return response
 
 
-def _error_response(error: ApiError) -> web.Response:
-    return web.Response(status=error.status, body=error.body(), content_type="application/json", headers=error.headers)
+def _error_response(error: ApiError, rate_headers: dict | None = None) -> web.Response:
+    return web.Response(status=error.status, body=error.body(), content_type="application/json",
+                        headers={**(rate_headers or {}), **error.headers})
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
-        request.app[STATE].keys.check(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await request.app[STATE].auth.authenticate(request.headers.get("Authorization"))
     return await handler(request)
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["x-request-id"] = request.get(REQUEST_ID) or request_id(request)
+    for name, value in (request.get(RATE_HEADERS) or {}).items():
+        response.headers.setdefault(name, value)
     started = request.get(STARTED)
     if started is not None:
         response.headers["openai-processing-ms"] = str(int((time.monotonic() - started) * 1000))
 
 
-async def inference_channel(app: web.Application) -> AsyncIterator[None]:
+async def channels(app: web.Application) -> AsyncIterator[None]:
+    """Clients of inference_svc, auth_svc and (when configured) Redis, for the app's lifetime."""
     state = app[STATE]
-    async with grpc.aio.insecure_channel(state.config.inference_target) as channel:
-        state.inference = InferenceServiceStub(channel)
-        yield
+    config = state.config
+    async with grpc.aio.insecure_channel(config.inference_target) as inference, \
+            grpc.aio.insecure_channel(config.auth_target) as auth:
+        state.inference = InferenceServiceStub(inference)
+        state.inference_health = HealthStub(inference)
+        state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s)
+        if config.redis_url:
+            client = redis.Redis.from_url(config.redis_url)
+            state.limiter = RedisLimiter(client, config.rate_window_s)
+            try:
+                yield
+            finally:
+                await client.aclose()
+        else:
+            state.limiter = InProcessLimiter(window_s=config.rate_window_s)
+            yield
 
 
 def create_app(config: EdgeConfig) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=config.max_body_bytes)
-    app[STATE] = EdgeState(config, StaticKeys(config.api_key_digests), Admission(config.max_concurrent_requests))
-    app.cleanup_ctx.append(inference_channel)
+    app[STATE] = EdgeState(config, Admission(config.max_concurrent_requests))
+    app.cleanup_ctx.append(channels)
     app.on_response_prepare.append(_common_headers)
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
     app.router.add_get("/v1/models", models.list_models)

@@ -1,14 +1,22 @@
-"""Who is calling: every /v1 request needs `Authorization: Bearer <key>`.
+"""Who is calling: every /v1 request needs `Authorization: Bearer <key>`, checked by auth_svc.
 
-Until auth_svc lands, the edge accepts the configured keys, compared by SHA-256 digest in
-constant time. Keys never reach a log line or an error message.
+Answers are cached for a short TTL, keyed by the key's SHA-256, so auth_svc is off the
+critical path of most requests: a revoked key stops working within the TTL, and while
+auth_svc is down cached keys keep working until their TTL and unknown ones get 503. The
+key itself is never stored, logged or echoed.
 """
 
 from __future__ import annotations
 
-import hmac
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
-from edge.config import key_digest
+import grpc
+
+from cloudach.auth.v1 import auth_pb2 as pb
+from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from edge.errors import ApiError
 
 _MISSING = (
@@ -16,26 +24,86 @@ _MISSING = (
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
 _INCORRECT = "Incorrect API key provided. You can find your API keys in your Cloudach dashboard."
+#: a token is not used in its last minute of life
+TOKEN_MARGIN_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    organization: str
+    admin: bool
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent_streams: int
+    allowed_models: frozenset[str]
+    #: the internal token to present to inference_svc and billing_svc
+    token: str
+
+    @property
+    def grpc_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
 
 
 def bearer_key(authorization: str | None) -> str:
-    if not authorization:
-        raise ApiError(401, _MISSING, code="invalid_api_key")
-    scheme, _, key = authorization.partition(" ")
+    scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, _MISSING, code="invalid_api_key")
     return key.strip()
 
 
-class StaticKeys:
-    def __init__(self, digests: frozenset[str]) -> None:
-        self._digests = tuple(digests)
+def _principal(reply: pb.AuthenticateResponse) -> Principal:
+    p, limits = reply.principal, reply.principal.limits
+    return Principal(
+        key_id=p.key_id, organization=p.organization, admin=p.admin,
+        requests_per_minute=limits.requests_per_minute, tokens_per_minute=limits.tokens_per_minute,
+        max_concurrent_streams=limits.max_concurrent_streams, allowed_models=frozenset(limits.allowed_models),
+        token=reply.token,
+    )
 
-    def check(self, authorization: str | None) -> None:
-        digest = key_digest(bearer_key(authorization))
-        # Compare with every digest, so the time taken says nothing about which one was close.
-        matched = False
-        for known in self._digests:
-            matched |= hmac.compare_digest(digest, known)
-        if not matched:
+
+class Authenticator:
+    def __init__(self, stub: AuthServiceStub, ttl_s: float, max_entries: int = 100_000, timeout_s: float = 2.0) -> None:
+        self._stub = stub
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._timeout_s = timeout_s
+        #: digest -> (expires at, principal or None for a refused key)
+        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        key = bearer_key(authorization)
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            self.hits += 1
+            return self._answer(cached[1])
+        self.misses += 1
+        try:
+            reply = await self._stub.Authenticate(pb.AuthenticateRequest(api_key=key), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._remember(digest, now + self._ttl_s, None)
+                raise ApiError(401, _INCORRECT, code="invalid_api_key") from None
+            raise ApiError(503, "Authentication is temporarily unavailable. Please retry shortly.",
+                           type="server_error", code="service_unavailable",
+                           headers={"Retry-After": "1", "retry-after-ms": "1000"}) from None
+        token_left = reply.token_expires_at.seconds - time.time() - TOKEN_MARGIN_S
+        principal = _principal(reply)
+        self._remember(digest, now + max(0.0, min(self._ttl_s, token_left)), principal)
+        return principal
+
+    def _remember(self, digest: str, expires: float, principal: Principal | None) -> None:
+        self._cache[digest] = (expires, principal)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+
+    @staticmethod
+    def _answer(principal: Principal | None) -> Principal:
+        if principal is None:
             raise ApiError(401, _INCORRECT, code="invalid_api_key")
+        return principal

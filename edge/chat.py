@@ -17,11 +17,13 @@ from cloudach.errors import Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.metadata import PROMPT_TOKENS, TRACE_HEADERS
 from cloudach.rpc.errors import error_from_call, error_from_rpc
+from edge.auth import Principal
 from edge.errors import ApiError, bad_request, from_domain
 from edge.http import read_json_object
+from edge.ratelimit import Quota, headers, refusal
 from edge.schema import CREATE_CHAT_COMPLETION_REQUEST
 from edge.sse import DONE, KEEPALIVE, ChunkEncoder, error_event, usage_dict
-from edge.state import STATE
+from edge.state import PRINCIPAL, RATE_HEADERS, STATE
 from edge.validation import validate
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,14 @@ MAX_PENDING_CHARS = 64 * 1024
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+@dataclass(slots=True)
+class Tally:
+    """The tokens a request really used, as far as it got."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     id: str
@@ -44,6 +54,8 @@ class ChatRequest:
     generate: pb.GenerateRequest
     #: which of max_tokens / max_completion_tokens the caller used, to name it in errors
     max_tokens_name: str
+    #: characters of message text, for the token limit's estimate before tokenization
+    prompt_chars: int
 
 
 def _content(content: str | list) -> str:
@@ -88,22 +100,55 @@ def parse_chat_request(body: dict) -> ChatRequest:
         include_usage=bool(options and options.get("include_usage")),
         generate=generate,
         max_tokens_name=max_tokens_name,
+        prompt_chars=sum(len(m.content) for m in generate.messages),
     )
+
+
+def _reservation(chat: ChatRequest, default_output_tokens: int) -> int:
+    """Tokens held against the key's limit until the real usage is known: about four characters
+    a token for the prompt (plus each message's framing), and the most the completion may use."""
+    stopping = chat.generate.stopping
+    output = stopping.max_new_tokens if stopping.HasField("max_new_tokens") else default_output_tokens
+    return chat.prompt_chars // 4 + 4 * len(chat.generate.messages) + output
+
+
+def _check_model_allowed(principal: Principal, model: str) -> None:
+    if principal.allowed_models and model not in principal.allowed_models:
+        # Waiting will not help: tell the SDKs not to retry.
+        raise ApiError(403, f"This API key is not allowed to use the model `{model}`.",
+                       code="model_not_allowed", headers={"x-should-retry": "false"})
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    config = state.config
+    principal = request[PRINCIPAL]
     chat = parse_chat_request(await read_json_object(request))
-    with state.admission:
-        metadata = tuple((h, request.headers[h]) for h in TRACE_HEADERS if h in request.headers)
-        call = state.inference.Generate(chat.generate, timeout=state.config.request_timeout_s, metadata=metadata)
-        try:
-            prompt_tokens = await _accepted(call, chat)
-            if chat.stream:
-                return await _stream(request, call, chat, prompt_tokens)
-            return await _complete(call, chat)
-        finally:
-            call.cancel()  # a no-op once the call has ended; otherwise the generation stops
+    _check_model_allowed(principal, chat.model)
+    quota = Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
+    reserved = _reservation(chat, config.default_reserved_output_tokens)
+    decision = await state.limiter.admit(principal.key_id, quota, chat.id, reserved, lease_s=config.request_timeout_s)
+    request[RATE_HEADERS] = headers(decision)
+    if not decision.allowed:
+        raise refusal(decision, quota)
+    tally = Tally()
+    try:
+        with state.admission:
+            trace = tuple((h, request.headers[h]) for h in TRACE_HEADERS if h in request.headers)
+            call = state.inference.Generate(
+                chat.generate, timeout=config.request_timeout_s, metadata=principal.grpc_metadata + trace
+            )
+            try:
+                tally.prompt_tokens = await _accepted(call, chat)
+                if chat.stream:
+                    return await _stream(request, call, chat, tally)
+                return await _complete(call, chat, tally)
+            finally:
+                call.cancel()  # a no-op once the call has ended; otherwise the generation stops
+    finally:
+        used = tally.prompt_tokens + tally.completion_tokens
+        await state.limiter.settle(principal.key_id, quota, reserved, used)
+        await state.limiter.release(principal.key_id, chat.id)
 
 
 async def _accepted(call: grpc.aio.UnaryStreamCall, chat: ChatRequest) -> int:
@@ -127,7 +172,7 @@ async def _first_message(response: web.StreamResponse, call: grpc.aio.UnaryStrea
         read.cancel()
 
 
-async def _relay(request: web.Request, response: web.StreamResponse, call, encoder: ChunkEncoder) -> pb.Finished:
+async def _relay(request: web.Request, response: web.StreamResponse, call, encoder: ChunkEncoder, tally: Tally) -> pb.Finished:
     """Streams deltas as content chunks, merging them while the client's socket is backed up."""
     transport = request.transport
     message = await _first_message(response, call, request.app[STATE].config.keepalive_s)
@@ -139,6 +184,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
                 await response.write(encoder.content("".join(pending)))
             return message.finished
         text = message.delta.text
+        tally.completion_tokens += message.delta.token_count
         pending.append(text)
         pending_chars += len(text)
         backed_up = transport is not None and transport.get_write_buffer_size() > 0
@@ -150,14 +196,15 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
     raise Unavailable("the inference stream ended before the generation finished")
 
 
-async def _stream(request: web.Request, call, chat: ChatRequest, prompt_tokens: int) -> web.StreamResponse:
+async def _stream(request: web.Request, call, chat: ChatRequest, tally: Tally) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     await response.prepare(request)
     _bound_send_buffer(request, request.app[STATE].config.stream_send_buffer_bytes)
     encoder = ChunkEncoder(chat.id, chat.created, chat.model, chat.include_usage)
     try:
         await response.write(encoder.role())
-        finished = await _relay(request, response, call, encoder)
+        finished = await _relay(request, response, call, encoder, tally)
+        tally.completion_tokens = finished.usage.completion_tokens
         usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
         await response.write(encoder.finish(FINISH_REASONS.get(finished.finish_reason, "stop"), usage))
         if chat.include_usage:
@@ -181,7 +228,7 @@ def _bound_send_buffer(request: web.Request, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
-async def _complete(call, chat: ChatRequest) -> web.Response:
+async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
     parts: list[str] = []
     finished = None
     try:
@@ -189,11 +236,13 @@ async def _complete(call, chat: ChatRequest) -> web.Response:
             if message.HasField("finished"):
                 finished = message.finished
             else:
+                tally.completion_tokens += message.delta.token_count
                 parts.append(message.delta.text)
     except grpc.aio.AioRpcError as failure:
         raise from_domain(error_from_rpc(failure), chat.max_tokens_name) from None
     if finished is None:
         raise from_domain(Unavailable("the inference stream ended before the generation finished"))
+    tally.completion_tokens = finished.usage.completion_tokens
     body = {
         "id": chat.id,
         "object": "chat.completion",

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import os
 from dataclasses import dataclass
 
 from cloudach.config import from_env, setting
-
-
-def key_digest(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -20,6 +13,16 @@ class EdgeConfig:
     port: int = setting(8080, "CLOUDACH_PORT")
     #: inference_svc's gRPC address
     inference_target: str = setting("127.0.0.1:50051", "CLOUDACH_INFERENCE_TARGET")
+    #: auth_svc's gRPC address
+    auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
+    #: how long an answer of auth_svc about a key is reused (a revoked key works at most this long)
+    auth_cache_ttl_s: float = setting(10.0, "CLOUDACH_EDGE_AUTH_CACHE_TTL_S")
+    #: Redis shared by the edge replicas for rate limits ("" keeps limits in this process)
+    redis_url: str = setting("", "CLOUDACH_REDIS_URL")
+    #: the window of "per minute" limits (shorter only in tests)
+    rate_window_s: float = setting(60.0, "CLOUDACH_EDGE_RATE_WINDOW_S")
+    #: completion tokens reserved against the token limit when a request sets no max_tokens
+    default_reserved_output_tokens: int = setting(256, "CLOUDACH_EDGE_DEFAULT_RESERVED_TOKENS")
     #: largest request body accepted (413 beyond it)
     max_body_bytes: int = setting(4 * 1024 * 1024, "CLOUDACH_EDGE_MAX_BODY_BYTES")
     #: requests in flight at once; beyond it 503 with Retry-After, never queued
@@ -33,16 +36,7 @@ class EdgeConfig:
     stream_send_buffer_bytes: int = setting(64 * 1024, "CLOUDACH_EDGE_STREAM_SNDBUF_BYTES")
     #: seconds in-flight requests get to finish after SIGTERM
     shutdown_grace_s: float = setting(30.0, "CLOUDACH_EDGE_SHUTDOWN_GRACE_S")
-    #: SHA-256 digests of the accepted API keys (from CLOUDACH_API_KEY and CLOUDACH_API_KEY_FILE);
-    #: the keys themselves are never kept
-    api_key_digests: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls) -> EdgeConfig:
-        digests = set()
-        if os.environ.get("CLOUDACH_API_KEY"):
-            digests.add(key_digest(os.environ["CLOUDACH_API_KEY"]))
-        if os.environ.get("CLOUDACH_API_KEY_FILE"):
-            with open(os.environ["CLOUDACH_API_KEY_FILE"]) as f:
-                digests.add(key_digest(f.read().strip()))
-        return dataclasses.replace(from_env(cls), api_key_digests=frozenset(digests))
+        return from_env(cls)

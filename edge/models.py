@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import health_pb2
 
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.rpc.errors import error_from_rpc
 from edge.errors import ApiError, from_domain
-from edge.state import STATE
+from edge.state import PRINCIPAL, STATE
 
 LIST_TIMEOUT_S = 5.0
 
 
 async def _models(request: web.Request, timeout_s: float = LIST_TIMEOUT_S) -> list[pb.ModelInfo]:
     try:
-        reply = await request.app[STATE].inference.ListModels(pb.ListModelsRequest(), timeout=timeout_s)
+        reply = await request.app[STATE].inference.ListModels(
+            pb.ListModelsRequest(), timeout=timeout_s, metadata=request[PRINCIPAL].grpc_metadata
+        )
     except grpc.aio.AioRpcError as failure:
         raise from_domain(error_from_rpc(failure)) from None
     return list(reply.models)
@@ -43,11 +46,11 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready: inference_svc answers and at least one model is ready in Triton."""
+    """Ready: inference_svc answers its health check, which it passes only with a model ready in Triton."""
     try:
-        models = await _models(request, timeout_s=2.0)
-    except ApiError as error:
-        return web.json_response({"status": "unavailable", "reason": error.message}, status=503)
-    ready_models = [m.id for m in models if m.ready]
-    status = 200 if ready_models else 503
-    return web.json_response({"status": "ready" if ready_models else "no model ready", "models": ready_models}, status=status)
+        reply = await request.app[STATE].inference_health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+    except grpc.aio.AioRpcError as error:
+        return web.json_response({"status": "unavailable", "reason": error.code().name}, status=503)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return web.json_response({"status": "no model ready"}, status=503)
+    return web.json_response({"status": "ready"})

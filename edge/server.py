@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from aiohttp import web
 
@@ -14,8 +13,6 @@ from edge.config import EdgeConfig
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = EdgeConfig.from_env()
-    if not config.api_key_digests:
-        sys.exit("edge: no API key configured (CLOUDACH_API_KEY or CLOUDACH_API_KEY_FILE); refusing to serve")
     web.run_app(
         create_app(config),
         host=config.host,

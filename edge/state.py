@@ -6,19 +6,28 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from grpc_health.v1.health_pb2_grpc import HealthStub
+
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
-from edge.auth import StaticKeys
+from edge.auth import Authenticator, Principal
 from edge.config import EdgeConfig
 from edge.http import Admission
+from edge.ratelimit import Limiter
 
 
 @dataclass
 class EdgeState:
     config: EdgeConfig
-    keys: StaticKeys
     admission: Admission
-    #: set while the app runs (see app.inference_channel)
+    # Set while the app runs (see app.channels): clients of the services behind the edge.
     inference: InferenceServiceStub = field(default=None)  # type: ignore[assignment]
+    inference_health: HealthStub = field(default=None)  # type: ignore[assignment]
+    auth: Authenticator = field(default=None)  # type: ignore[assignment]
+    limiter: Limiter = field(default=None)  # type: ignore[assignment]
 
 
 STATE = web.AppKey("state", EdgeState)
+#: the authenticated caller of a /v1 request
+PRINCIPAL = web.RequestKey("principal", Principal)
+#: x-ratelimit-* headers for the response, once the limiter has seen the request
+RATE_HEADERS = web.RequestKey("rate_headers", dict)

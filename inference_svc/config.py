@@ -16,6 +16,8 @@ class InferenceConfig:
     listen_address: str = setting("127.0.0.1:50051", "CLOUDACH_INFERENCE_LISTEN")
     #: Triton gRPC endpoints, comma-separated; each stream goes to the least busy one
     triton_urls: tuple[str, ...] = setting(("127.0.0.1:8001",), "CLOUDACH_TRITON_URLS")
+    #: auth_svc, whose published keys verify the callers' tokens
+    auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
     #: the model registry (TOML)
     models_file: str = setting(str(REPO_ROOT / "deploy" / "inference" / "models.cpu.toml"), "CLOUDACH_MODELS_FILE")
     #: streams served at once; more are refused with RESOURCE_EXHAUSTED, never queued

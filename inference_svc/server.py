@@ -8,8 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
+
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
+from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
 from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from cloudach.tokens import TokenVerifier
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
 from inference_svc.registry import ModelRegistry, load_registry
@@ -45,25 +49,35 @@ async def _watch_health(server: GrpcServer, registry: ModelRegistry, engine: Eng
 
 @contextlib.asynccontextmanager
 async def running_inference(
-    config: InferenceConfig, engine: Engine | None = None, registry: ModelRegistry | None = None
+    config: InferenceConfig,
+    engine: Engine | None = None,
+    registry: ModelRegistry | None = None,
+    verifier: TokenVerifier | None = None,
 ) -> AsyncIterator[RunningInference]:
-    """Serves inference_svc for the duration of the block, then drains and closes everything."""
+    """Serves inference_svc for the duration of the block, then drains and closes everything.
+
+    Every call needs an internal token; verifier defaults to one reading auth_svc's keys."""
     registry = registry or load_registry(config.models_file)
     engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s)
-    service = InferenceService(registry, engine, config)
-    server = await start_grpc_server(
-        config.listen_address,
-        lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
-        [SERVICE_NAME],
-        serving=False,  # until _watch_health has seen a model ready in Triton
-    )
-    watcher = asyncio.create_task(_watch_health(server, registry, engine, config.health_poll_s))
-    try:
-        yield RunningInference(server, service)
-    finally:
-        watcher.cancel()
-        await server.stop(config.shutdown_grace_s)
-        await engine.close()
+    async with contextlib.AsyncExitStack() as stack:
+        if verifier is None:
+            auth_channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target))
+            verifier = TokenVerifier(auth_jwks_fetcher(auth_channel))
+        service = InferenceService(registry, engine, config)
+        server = await start_grpc_server(
+            config.listen_address,
+            lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
+            [SERVICE_NAME],
+            interceptors=[TokenInterceptor(verifier)],
+            serving=False,  # until _watch_health has seen a model ready in Triton
+        )
+        watcher = asyncio.create_task(_watch_health(server, registry, engine, config.health_poll_s))
+        try:
+            yield RunningInference(server, service)
+        finally:
+            watcher.cancel()
+            await server.stop(config.shutdown_grace_s)
+            await engine.close()
 
 
 async def serve(config: InferenceConfig) -> None:

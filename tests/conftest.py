@@ -10,13 +10,44 @@ import urllib.request
 import grpc
 import pytest
 
+from auth_svc.config import AuthConfig
+from auth_svc.server import running_auth
 from cloudach.inference.v1 import inference_pb2_grpc
 from cloudach.launcher.triton import TritonServer, start_triton
+from cloudach.rpc.auth import bearer_interceptors
 from inference_svc.config import InferenceConfig
 from inference_svc.registry import ModelRegistry, load_registry
 from inference_svc.server import running_inference
 
 MODEL = "smollm2-135m-instruct"
+#: imported into the session's auth_svc as its bootstrap admin key
+API_KEY = "ck-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
+
+
+def auth_config(tmp: pathlib.Path, **overrides) -> AuthConfig:
+    key_file = tmp / "admin-key"
+    if not key_file.exists():
+        key_file.write_text(API_KEY + "\n")
+    return AuthConfig(
+        listen_address="127.0.0.1:0", database_url=f"sqlite:///{tmp / 'auth.db'}",
+        signing_key_file=str(tmp / "signing-key.pem"), bootstrap_admin_key_file=str(key_file), **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+async def auth(tmp_path_factory):
+    """A real auth_svc (SQLite), whose bootstrap admin key is API_KEY."""
+    async with running_auth(auth_config(tmp_path_factory.mktemp("auth"))) as running:
+        yield running
+
+
+def service_token(auth, admin: bool = False) -> str:
+    return auth.signer.sign("key_test_service", {"org": "test", "adm": admin})[0]
+
+
+def authed_channel(address: str, auth) -> grpc.aio.Channel:
+    """A channel whose every call carries a valid internal token."""
+    return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(service_token(auth)))
 
 
 @pytest.fixture(scope="session")
@@ -42,20 +73,22 @@ def triton(tmp_path_factory):
     server.stop()
 
 
-def inference_config(**overrides) -> InferenceConfig:
-    return dataclasses.replace(InferenceConfig(), listen_address="127.0.0.1:0", health_poll_s=0.2, **overrides)
+def inference_config(auth, **overrides) -> InferenceConfig:
+    return dataclasses.replace(
+        InferenceConfig(), listen_address="127.0.0.1:0", health_poll_s=0.2, auth_target=auth.address, **overrides
+    )
 
 
 @pytest.fixture(scope="session")
-async def inference(triton, registry):
+async def inference(triton, registry, auth):
     """inference_svc on a free loopback port, streaming from the session's Triton."""
-    async with running_inference(inference_config(triton_urls=(triton.grpc_url,)), registry=registry) as running:
+    async with running_inference(inference_config(auth, triton_urls=(triton.grpc_url,)), registry=registry) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-async def stub(inference):
-    async with grpc.aio.insecure_channel(inference.address) as channel:
+async def stub(inference, auth):
+    async with authed_channel(inference.address, auth) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
@@ -74,20 +107,18 @@ def model_metrics(server: TritonServer) -> dict[str, float]:
 
 # -- the edge ---------------------------------------------------------------------------------
 
-API_KEY = "ck-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
-
 import contextlib  # noqa: E402
 
 from aiohttp import web  # noqa: E402
 
 from edge.app import create_app  # noqa: E402
-from edge.config import EdgeConfig, key_digest  # noqa: E402
+from edge.config import EdgeConfig  # noqa: E402
 
 
 @contextlib.asynccontextmanager
-async def running_edge(inference_address: str, **overrides):
+async def running_edge(inference_address: str, auth_address: str, **overrides):
     """The edge app on a free loopback port, as `python -m edge` runs it; yields its base URL."""
-    config = EdgeConfig(inference_target=inference_address, api_key_digests=frozenset({key_digest(API_KEY)}), **overrides)
+    config = EdgeConfig(inference_target=inference_address, auth_target=auth_address, **overrides)
     runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -100,15 +131,15 @@ async def running_edge(inference_address: str, **overrides):
 
 
 @pytest.fixture(scope="session")
-async def edge_url(inference):
-    """The edge in front of the real inference_svc and Triton."""
-    async with running_edge(inference.address) as url:
+async def edge_url(inference, auth):
+    """The edge in front of the real auth_svc, inference_svc and Triton."""
+    async with running_edge(inference.address, auth.address) as url:
         yield url
 
 
 @contextlib.asynccontextmanager
-async def edge_over_fake(engine, registry, **edge_overrides):
-    """The edge in front of a real inference_svc whose engine is the fake one."""
-    async with running_inference(inference_config(), engine=engine, registry=registry) as inf:
-        async with running_edge(inf.address, **edge_overrides) as url:
+async def edge_over_fake(engine, registry, auth, **edge_overrides):
+    """The edge in front of the real auth_svc and an inference_svc whose engine is the fake one."""
+    async with running_inference(inference_config(auth), engine=engine, registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, **edge_overrides) as url:
             yield url

@@ -51,7 +51,8 @@ async def start_grpc_server(
     """Starts a server on address ("host:0" picks a free port) with register()'s services.
 
     serving=False starts it NOT_SERVING, for a service whose readiness a watcher decides."""
-    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=list(options))
+    # The error interceptor is outermost, so failures of the others (a bad token) map too.
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=list(options))
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -38,12 +38,12 @@ def mutate(rng: random.Random, body: dict) -> dict:
     return body
 
 
-async def test_no_mutation_of_a_valid_request_gets_a_500(registry):
+async def test_no_mutation_of_a_valid_request_gets_a_500(registry, auth):
     rng = random.Random(20261124)
     tok = registry.get(MODEL).tokenizer
     engine = FakeEngine(steps=[tok.encode("ok")])
     seen = set()
-    async with edge_over_fake(engine, registry) as url:
+    async with edge_over_fake(engine, registry, auth) as url:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
             for _ in range(300):
                 body = mutate(rng, VALID)

@@ -50,9 +50,9 @@ def payloads(raw: bytes) -> list[dict]:
     return out
 
 
-async def test_streamed_bytes_follow_the_guides_wire_format(registry):
+async def test_streamed_bytes_follow_the_guides_wire_format(registry, auth):
     generated = sum(map(len, steps(registry)))
-    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry) as url:
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
         status, headers, raw = await post(url, {**CHAT, "stream": True}, headers={**AUTH, "x-request-id": "my-req-1"})
     assert status == 200
     assert headers["Content-Type"] == "text/event-stream"
@@ -73,8 +73,8 @@ async def test_streamed_bytes_follow_the_guides_wire_format(registry):
     assert all("usage" not in c for c in chunks[:-1])
 
 
-async def test_include_usage_adds_openais_usage_chunk_and_nulls_elsewhere(registry):
-    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry) as url:
+async def test_include_usage_adds_openais_usage_chunk_and_nulls_elsewhere(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
         _, _, raw = await post(url, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     chunks = payloads(raw)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == sum(map(len, steps(registry)))
@@ -82,15 +82,15 @@ async def test_include_usage_adds_openais_usage_chunk_and_nulls_elsewhere(regist
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_max_tokens_gives_finish_reason_length(registry):
-    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry) as url:
+async def test_max_tokens_gives_finish_reason_length(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
         status, _, raw = await post(url, {**CHAT, "max_completion_tokens": 3})
     body = json.loads(raw)
     assert status == 200 and body["choices"][0]["finish_reason"] == "length"
 
 
-async def test_non_streaming_returns_a_chat_completion(registry):
-    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry) as url:
+async def test_non_streaming_returns_a_chat_completion(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
         status, headers, raw = await post(url, CHAT)
     body = json.loads(raw)
     assert status == 200 and headers["Content-Type"].startswith("application/json")
@@ -100,20 +100,20 @@ async def test_non_streaming_returns_a_chat_completion(registry):
     assert body["usage"]["completion_tokens"] == sum(map(len, steps(registry)))
 
 
-async def test_keep_alive_comments_are_sent_while_waiting_for_the_first_token(registry):
+async def test_keep_alive_comments_are_sent_while_waiting_for_the_first_token(registry, auth):
     engine = FakeEngine(steps=steps(registry, ["Hi"]), delay_s=0.5)
-    async with edge_over_fake(engine, registry, keepalive_s=0.1) as url:
+    async with edge_over_fake(engine, registry, auth, keepalive_s=0.1) as url:
         _, _, raw = await post(url, {**CHAT, "stream": True})
     evs = events(raw)
     assert evs.count(b": keep-alive") >= 2
     assert evs.index(b": keep-alive") < next(i for i, e in enumerate(evs) if b'"content":"Hi"' in e)
 
 
-async def test_a_failure_mid_stream_becomes_one_error_event_and_the_stream_ends(registry):
+async def test_a_failure_mid_stream_becomes_one_error_event_and_the_stream_ends(registry, auth):
     from cloudach.errors import Unavailable
 
     engine = FakeEngine(steps=steps(registry), fail_after=3, error=Unavailable("triton went away"))
-    async with edge_over_fake(engine, registry) as url:
+    async with edge_over_fake(engine, registry, auth) as url:
         status, _, raw = await post(url, {**CHAT, "stream": True})
     assert status == 200
     last = events(raw)[-1]
@@ -123,10 +123,10 @@ async def test_a_failure_mid_stream_becomes_one_error_event_and_the_stream_ends(
     assert set(error) == {"message", "type", "param", "code"}
 
 
-async def test_a_slow_reader_gets_merged_events_and_the_whole_text(registry):
+async def test_a_slow_reader_gets_merged_events_and_the_whole_text(registry, auth):
     word = registry.get(MODEL).tokenizer.encode(" lighthouse")
     engine = FakeEngine(steps=[word] * 6000)
-    async with edge_over_fake(engine, registry) as url:
+    async with edge_over_fake(engine, registry, auth) as url:
         host, port = url.removeprefix("http://").split(":")
         body = json.dumps({**CHAT, "stream": True, "max_tokens": 2000}).encode()
         with socket.socket() as s:
@@ -177,8 +177,8 @@ async def test_a_slow_reader_gets_merged_events_and_the_whole_text(registry):
         ({**CHAT, "stream": True, "messages": [{"role": "user", "content": "hi " * 3000}]}, "messages", "context_length_exceeded"),
     ],
 )
-async def test_bad_input_gets_400_naming_the_field(registry, body, param, code):
-    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry) as url:
+async def test_bad_input_gets_400_naming_the_field(registry, auth, body, param, code):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
         status, headers, raw = await post(url, body)
     error = json.loads(raw)["error"]
     assert status == 400, raw
@@ -186,8 +186,8 @@ async def test_bad_input_gets_400_naming_the_field(registry, body, param, code):
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["code"] == code
 
 
-async def test_malformed_json_is_400_and_other_statuses_are_in_the_envelope(registry):
-    async with edge_over_fake(FakeEngine(steps=steps(registry), delay_s=0.3), registry,
+async def test_malformed_json_is_400_and_other_statuses_are_in_the_envelope(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=steps(registry), delay_s=0.3), registry, auth,
                               max_body_bytes=10_000, max_concurrent_requests=1) as url:
         checks = {
             "malformed": (await post(url, raw=b'{"model": '), 400, None),
@@ -216,16 +216,16 @@ async def test_malformed_json_is_400_and_other_statuses_are_in_the_envelope(regi
     assert "POST" in checks["method"][0][1]["Allow"]
 
 
-async def test_the_request_deadline_is_a_504(registry):
+async def test_the_request_deadline_is_a_504(registry, auth):
     engine = FakeEngine(steps=steps(registry), delay_s=1.0)
-    async with edge_over_fake(engine, registry, request_timeout_s=0.5) as url:
+    async with edge_over_fake(engine, registry, auth, request_timeout_s=0.5) as url:
         status, _, raw = await post(url, CHAT)
     assert status == 504 and json.loads(raw)["error"]["code"] == "timeout"
 
 
-async def test_a_client_that_disconnects_cancels_the_generation(registry):
+async def test_a_client_that_disconnects_cancels_the_generation(registry, auth):
     engine = FakeEngine(steps=steps(registry) * 100, delay_s=0.02)
-    async with edge_over_fake(engine, registry) as url:
+    async with edge_over_fake(engine, registry, auth) as url:
         async with aiohttp.ClientSession(headers=AUTH) as session:
             async with session.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
                 await r.content.readuntil(b"\n\n")
@@ -234,13 +234,14 @@ async def test_a_client_that_disconnects_cancels_the_generation(registry):
     assert len(engine.cancelled) == 1 and not engine.completed
 
 
-async def test_health_ready_and_openapi(registry):
-    async with edge_over_fake(FakeEngine(steps=[]), registry) as url:
+async def test_health_ready_and_openapi(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=[]), registry, auth) as url:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{url}/health") as r:
                 assert r.status == 200
+            await asyncio.sleep(0.3)  # inference_svc's first health poll
             async with session.get(f"{url}/ready") as r:
-                assert r.status == 200 and (await r.json())["models"] == [MODEL]
+                assert r.status == 200 and (await r.json())["status"] == "ready"
             async with session.get(f"{url}/openapi.json") as r:
                 doc = await r.json()
     assert doc["openapi"].startswith("3.")
@@ -248,8 +249,9 @@ async def test_health_ready_and_openapi(registry):
     assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/models", "/v1/models/{model}"}
 
 
-async def test_ready_is_503_when_no_model_is_ready(registry):
-    async with edge_over_fake(FakeEngine(ready=False), registry) as url:
+async def test_ready_is_503_when_no_model_is_ready(registry, auth):
+    async with edge_over_fake(FakeEngine(ready=False), registry, auth) as url:
+        await asyncio.sleep(0.3)
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{url}/ready") as r:
                 assert r.status == 503

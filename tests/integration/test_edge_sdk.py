@@ -190,14 +190,15 @@ async def test_a_client_that_goes_away_stops_generation_in_the_model(edge_url, t
     assert generated < 40, f"the model generated {generated} tokens for a client that left after {received} chunks"
 
 
-async def test_killing_inference_svc_mid_stream_raises_in_the_sdk_instead_of_hanging(triton, tmp_path):
+async def test_killing_inference_svc_mid_stream_raises_in_the_sdk_instead_of_hanging(triton, auth, tmp_path):
     (port,) = free_ports(1)
-    env = {**os.environ, "CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": f"127.0.0.1:{port}"}
+    env = {**os.environ, "CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": f"127.0.0.1:{port}",
+           "CLOUDACH_AUTH_TARGET": auth.address}
     log = open(tmp_path / "inference_svc.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "inference_svc"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         await asyncio.to_thread(wait_serving, f"127.0.0.1:{port}", 60, process)
-        async with running_edge(f"127.0.0.1:{port}") as url:
+        async with running_edge(f"127.0.0.1:{port}", auth.address) as url:
 
             def consume():
                 cl = OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=30)

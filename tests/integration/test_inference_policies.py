@@ -12,7 +12,7 @@ from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from cloudach.launcher.ports import free_ports
 from inference_svc.server import running_inference
-from tests.conftest import MODEL, inference_config
+from tests.conftest import MODEL, authed_channel, inference_config
 from tests.fakes import FakeEngine
 
 CHAT = [pb.ChatMessage(role=pb.ROLE_USER, content="Hi")]
@@ -25,14 +25,14 @@ async def drain(stub, request=None, metadata=None):
         return [e async for e in stub.Generate(request, metadata=metadata)]
 
 
-def serving(engine, registry, **config):
-    return running_inference(inference_config(**config), engine=engine, registry=registry)
+def serving(engine, registry, auth, **config):
+    return running_inference(inference_config(auth, **config), engine=engine, registry=registry)
 
 
-async def test_streams_beyond_the_limit_are_refused_at_once_not_queued(registry):
+async def test_streams_beyond_the_limit_are_refused_at_once_not_queued(registry, auth):
     engine = FakeEngine(steps=[[100]] * 200, delay_s=0.01)
-    async with serving(engine, registry, max_concurrent_streams=1) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+    async with serving(engine, registry, auth, max_concurrent_streams=1) as running:
+        async with authed_channel(running.address, auth) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             first = asyncio.create_task(drain(stub))
             await asyncio.sleep(0.2)
@@ -46,28 +46,28 @@ async def test_streams_beyond_the_limit_are_refused_at_once_not_queued(registry)
             assert running.service.active_streams == 0
 
 
-async def test_an_unexpected_failure_is_internal_and_reveals_nothing(registry):
+async def test_an_unexpected_failure_is_internal_and_reveals_nothing(registry, auth):
     engine = FakeEngine(steps=[[100]] * 5, fail_after=1, error=KeyError("secret internals"))
-    async with serving(engine, registry) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+    async with serving(engine, registry, auth) as running:
+        async with authed_channel(running.address, auth) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await drain(inference_pb2_grpc.InferenceServiceStub(channel))
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in raised.value.details()
 
 
-async def test_the_callers_trace_context_is_passed_to_the_backend(registry):
+async def test_the_callers_trace_context_is_passed_to_the_backend(registry, auth):
     engine = FakeEngine(steps=[[100]])
-    async with serving(engine, registry) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+    async with serving(engine, registry, auth) as running:
+        async with authed_channel(running.address, auth) as channel:
             await drain(inference_pb2_grpc.InferenceServiceStub(channel), metadata=(("traceparent", TRACEPARENT),))
     assert engine.requests[0].trace_headers["traceparent"] == TRACEPARENT
 
 
-async def test_a_caller_that_goes_away_cancels_the_generation(registry):
+async def test_a_caller_that_goes_away_cancels_the_generation(registry, auth):
     engine = FakeEngine(steps=[[100]] * 500, delay_s=0.01)
-    async with serving(engine, registry) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+    async with serving(engine, registry, auth) as running:
+        async with authed_channel(running.address, auth) as channel:
             call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
                 pb.GenerateRequest(request_id="bye", model=MODEL, messages=CHAT)
             )
@@ -77,11 +77,11 @@ async def test_a_caller_that_goes_away_cancels_the_generation(registry):
     assert engine.cancelled == ["bye"] and not engine.completed
 
 
-async def test_without_triton_requests_fail_fast_as_unavailable_and_health_says_not_serving(registry):
+async def test_without_triton_requests_fail_fast_as_unavailable_and_health_says_not_serving(registry, auth):
     (dead_port,) = free_ports(1)
-    config = inference_config(triton_urls=(f"127.0.0.1:{dead_port}",), token_timeout_s=5)
+    config = inference_config(auth, triton_urls=(f"127.0.0.1:{dead_port}",), token_timeout_s=5)
     async with running_inference(config, registry=registry) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+        async with authed_channel(running.address, auth) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await drain(inference_pb2_grpc.InferenceServiceStub(channel))
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -90,10 +90,10 @@ async def test_without_triton_requests_fail_fast_as_unavailable_and_health_says_
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def test_a_valid_request_is_acknowledged_with_its_prompt_size_before_any_token(registry):
+async def test_a_valid_request_is_acknowledged_with_its_prompt_size_before_any_token(registry, auth):
     engine = FakeEngine(steps=[[100]], delay_s=0.5)
-    async with serving(engine, registry) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
+    async with serving(engine, registry, auth) as running:
+        async with authed_channel(running.address, auth) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             call = stub.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT))
             async with asyncio.timeout(0.4):  # well before the first token

@@ -18,7 +18,7 @@ from inference_svc.generation import ROLES
 from inference_svc.server import running_inference
 from inference_svc.templates import Message, render_text
 from cloudach.paths import resolve_path
-from tests.conftest import MODEL, inference_config, launch_triton, model_metrics
+from tests.conftest import MODEL, authed_channel, inference_config, launch_triton, model_metrics
 
 pytestmark = pytest.mark.triton
 
@@ -175,12 +175,12 @@ async def test_health_and_reflection_are_served(inference):
             break
 
 
-async def test_triton_killed_mid_stream_gives_unavailable_without_hanging(tmp_path_factory, registry):
+async def test_triton_killed_mid_stream_gives_unavailable_without_hanging(tmp_path_factory, registry, auth):
     own_triton = launch_triton(tmp_path_factory)
     try:
-        config = inference_config(triton_urls=(own_triton.grpc_url,))
+        config = inference_config(auth, triton_urls=(own_triton.grpc_url,))
         async with running_inference(config, registry=registry) as running:
-            async with grpc.aio.insecure_channel(running.address) as channel:
+            async with authed_channel(running.address, auth) as channel:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
                 received = 0
                 with pytest.raises(grpc.aio.AioRpcError) as raised:

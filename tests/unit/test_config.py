@@ -1,7 +1,7 @@
 import pytest
 
 from cloudach.config import from_env
-from edge.config import EdgeConfig, key_digest
+from edge.config import EdgeConfig
 from inference_svc.config import InferenceConfig
 
 
@@ -22,13 +22,3 @@ def test_settings_are_parsed_as_their_defaults_type():
 def test_a_malformed_setting_names_its_variable():
     with pytest.raises(ValueError, match="CLOUDACH_PORT"):
         from_env(EdgeConfig, {"CLOUDACH_PORT": "eighty"})
-
-
-def test_the_edge_keeps_only_digests_of_its_keys(monkeypatch, tmp_path):
-    key_file = tmp_path / "key"
-    key_file.write_text("ck-from-file\n")
-    monkeypatch.setenv("CLOUDACH_API_KEY", "ck-from-env")
-    monkeypatch.setenv("CLOUDACH_API_KEY_FILE", str(key_file))
-    config = EdgeConfig.from_env()
-    assert config.api_key_digests == {key_digest("ck-from-env"), key_digest("ck-from-file")}
-    assert "ck-from-env" not in repr(config) and "ck-from-file" not in repr(config)

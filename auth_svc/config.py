@@ -1,0 +1,27 @@
+"""auth_svc's settings, read once from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cloudach.config import from_env, setting
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    listen_address: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_LISTEN")
+    #: sqlite:///path (the default, a file in the data directory) or postgresql://...
+    database_url: str = setting("sqlite:///.cloudach/data/auth.db", "CLOUDACH_AUTH_DATABASE_URL")
+    #: Ed25519 private key (PEM) signing internal tokens; made, mode 600, when missing
+    signing_key_file: str = setting(".cloudach/data/auth-signing-key.pem", "CLOUDACH_AUTH_SIGNING_KEY_FILE")
+    #: public keys (PEM files, comma-separated) still published after a rotation
+    previous_public_key_files: tuple[str, ...] = setting((), "CLOUDACH_AUTH_PREVIOUS_PUBLIC_KEYS")
+    #: lifetime of an internal token
+    token_ttl_s: float = setting(300.0, "CLOUDACH_AUTH_TOKEN_TTL_S")
+    #: a key file to import (or create) as an admin key at start: the local stack's dev key
+    bootstrap_admin_key_file: str = setting("", "CLOUDACH_AUTH_BOOTSTRAP_ADMIN_KEY_FILE")
+    shutdown_grace_s: float = setting(5.0, "CLOUDACH_AUTH_SHUTDOWN_GRACE_S")
+
+    @classmethod
+    def from_env(cls) -> AuthConfig:
+        return from_env(cls)

@@ -1,0 +1,98 @@
+"""auth_svc's composition root: database, signing key, servicer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+
+from auth_svc.config import AuthConfig
+from auth_svc.service import AuthService
+from auth_svc.store import KeyStore, Limits
+from cloudach.auth.v1 import auth_pb2, auth_pb2_grpc
+from cloudach.db import Database
+from cloudach.rpc.auth import TokenInterceptor
+from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from cloudach.tokens import TokenSigner, TokenVerifier, load_or_create_private_key
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+#: what anyone may call: exchanging a key for a token, and reading the public keys
+OPEN_METHODS = (f"/{SERVICE_NAME}/Authenticate", f"/{SERVICE_NAME}/GetSigningKeys")
+
+
+@dataclass
+class RunningAuth:
+    grpc: GrpcServer
+    store: KeyStore
+    signer: TokenSigner
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc.port}"
+
+
+def _signer(config: AuthConfig) -> TokenSigner:
+    previous = [serialization.load_pem_public_key(pathlib.Path(p).read_bytes()) for p in config.previous_public_key_files]
+    key = load_or_create_private_key(pathlib.Path(config.signing_key_file))
+    return TokenSigner(key, config.token_ttl_s, previous)
+
+
+async def bootstrap_admin_key(store: KeyStore, path: pathlib.Path) -> None:
+    """Imports the key in path as an admin key, or makes one there (mode 600) if the file is missing."""
+    if path.exists():
+        secret = path.read_text().strip()
+        if not await store.exists(secret):
+            await store.create("local", "bootstrap admin", Limits(), admin=True, api_key=secret)
+        return
+    _, secret = await store.create("local", "bootstrap admin", Limits(), admin=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
+@contextlib.asynccontextmanager
+async def running_auth(config: AuthConfig) -> AsyncIterator[RunningAuth]:
+    db = Database(config.database_url)
+    try:
+        store = KeyStore(db)
+        await store.migrate()
+        if config.bootstrap_admin_key_file:
+            await bootstrap_admin_key(store, pathlib.Path(config.bootstrap_admin_key_file))
+        signer = _signer(config)
+
+        async def local_jwks() -> dict:
+            return signer.jwks()
+
+        server = await start_grpc_server(
+            config.listen_address,
+            lambda s: auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(store, signer), s),
+            [SERVICE_NAME],
+            interceptors=[TokenInterceptor(TokenVerifier(local_jwks), open_methods=OPEN_METHODS)],
+        )
+        try:
+            yield RunningAuth(server, store, signer)
+        finally:
+            await server.stop(config.shutdown_grace_s)
+    finally:
+        await db.close()
+
+
+async def serve(config: AuthConfig) -> None:
+    async with running_auth(config) as running:
+        log.info("auth_svc listening on port %d (signing key %s)", running.grpc.port, running.signer.kid)
+        signal = await wait_for_termination_signal()
+        log.info("auth_svc stopping after %s", signal.name)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(AuthConfig.from_env()))

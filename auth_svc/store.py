@@ -1,0 +1,135 @@
+"""API keys in SQLite or PostgreSQL (same schema, migrations applied at start)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from cloudach.db import Database
+from cloudach.errors import InvalidArgument, NotFound
+from auth_svc.keys import display_prefix, key_hash, looks_like_a_key, new_api_key
+
+MIGRATIONS = [
+    """
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        display_prefix TEXT NOT NULL,
+        organization TEXT NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        admin INTEGER NOT NULL,
+        requests_per_minute BIGINT NOT NULL,
+        tokens_per_minute BIGINT NOT NULL,
+        max_concurrent_streams BIGINT NOT NULL,
+        allowed_models TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        last_used_at_ms BIGINT,
+        revoked_at_ms BIGINT
+    );
+    CREATE INDEX api_keys_organization ON api_keys (organization)
+    """,
+]
+_COLUMNS = ("key_id, key_hash, display_prefix, organization, name, status, admin, requests_per_minute, "
+            "tokens_per_minute, max_concurrent_streams, allowed_models, created_at_ms, last_used_at_ms, revoked_at_ms")
+#: last_used_at is written at most this often per key, so authentication stays a read
+LAST_USED_RESOLUTION_MS = 60_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int = 0  # 0: unlimited
+    tokens_per_minute: int = 0
+    max_concurrent_streams: int = 0
+    allowed_models: tuple[str, ...] = ()  # empty: every model
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    display_prefix: str
+    organization: str
+    name: str
+    status: str  # "active" or "revoked"
+    admin: bool
+    limits: Limits = field(default_factory=Limits)
+    created_at_ms: int = 0
+    last_used_at_ms: int | None = None
+
+
+def _row_to_key(row: tuple) -> ApiKey:
+    (key_id, _hash, prefix, org, name, status, admin, rpm, tpm, conc, models, created, used, _revoked) = row
+    return ApiKey(
+        key_id=key_id, display_prefix=prefix, organization=org, name=name, status=status, admin=bool(admin),
+        limits=Limits(int(rpm), int(tpm), int(conc), tuple(m for m in models.split(",") if m)),
+        created_at_ms=int(created), last_used_at_ms=None if used is None else int(used),
+    )
+
+
+class KeyStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def migrate(self) -> None:
+        await self._db.migrate("auth", MIGRATIONS)
+
+    async def create(self, organization: str, name: str, limits: Limits, admin: bool = False,
+                     api_key: str | None = None) -> tuple[ApiKey, str]:
+        """A new key; returns it and its secret (shown this once). api_key imports a given secret."""
+        if not organization:
+            raise InvalidArgument("organization is required", param="organization")
+        for value, param in ((limits.requests_per_minute, "limits.requests_per_minute"),
+                             (limits.tokens_per_minute, "limits.tokens_per_minute"),
+                             (limits.max_concurrent_streams, "limits.max_concurrent_streams")):
+            if value < 0:
+                raise InvalidArgument(f"{param} must not be negative", param=param)
+        secret = api_key or new_api_key()
+        if not looks_like_a_key(secret):
+            raise InvalidArgument("an API key is ck- followed by at least 40 URL-safe characters", param="api_key")
+        key_id = f"key_{uuid.uuid4().hex[:24]}"
+        now = int(time.time() * 1000)
+        await self._db.execute(
+            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, key_hash(secret), display_prefix(secret), organization, name, "active", int(admin),
+             limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent_streams,
+             ",".join(limits.allowed_models), now, None, None),
+        )
+        return await self.get(key_id), secret
+
+    async def get(self, key_id: str) -> ApiKey:
+        row = await self._db.fetchone(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,))
+        if row is None:
+            raise NotFound(f"no API key {key_id}", param="key_id")
+        return _row_to_key(row)
+
+    async def find_active(self, api_key: str) -> ApiKey | None:
+        """The active key with this secret, or None. Records when it was last used."""
+        row = await self._db.fetchone(
+            f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = ? AND status = 'active'", (key_hash(api_key),)
+        )
+        if row is None:
+            return None
+        key = _row_to_key(row)
+        now = int(time.time() * 1000)
+        if key.last_used_at_ms is None or now - key.last_used_at_ms > LAST_USED_RESOLUTION_MS:
+            await self._db.execute("UPDATE api_keys SET last_used_at_ms = ? WHERE key_id = ?", (now, key.key_id))
+        return key
+
+    async def exists(self, api_key: str) -> bool:
+        return await self._db.fetchone("SELECT 1 FROM api_keys WHERE key_hash = ?", (key_hash(api_key),)) is not None
+
+    async def list(self, organization: str = "") -> list[ApiKey]:
+        if organization:
+            rows = await self._db.fetchall(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE organization = ? ORDER BY created_at_ms, key_id", (organization,))
+        else:
+            rows = await self._db.fetchall(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at_ms, key_id")
+        return [_row_to_key(r) for r in rows]
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        await self._db.execute(
+            "UPDATE api_keys SET status = 'revoked', revoked_at_ms = ? WHERE key_id = ? AND status = 'active'",
+            (int(time.time() * 1000), key_id),
+        )
+        return await self.get(key_id)  # NotFound for an unknown id

@@ -1,0 +1,140 @@
+"""One small database layer over SQLite (the embedded default) and PostgreSQL (for scale-out).
+
+Services write portable SQL with `?` placeholders; each Database runs its statements on one
+worker thread with one connection, so SQLite's threading rules hold and the event loop never
+blocks. Migrations are numbered SQL scripts per service, applied once, in order, at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+Row = tuple[Any, ...]
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        """url: "sqlite:///path/to/file.db", "sqlite:///:memory:" or "postgresql://..."."""
+        if url.startswith("sqlite:///"):
+            self.dialect = "sqlite"
+        elif url.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+        else:
+            raise ValueError(f"unsupported database URL (expected sqlite:/// or postgresql://): {url.split(':')[0]}")
+        self._url = url
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"db-{self.dialect}")
+        self._conn: Any = None
+
+    # -- connection (worker thread only) ---------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        if self.dialect == "sqlite":
+            path = self._url.removeprefix("sqlite:///")
+            if path != ":memory:":
+                pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+        else:
+            import psycopg
+
+            conn = psycopg.connect(self._url, autocommit=True)
+        self._conn = conn
+        return conn
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
+
+    def _run(self, work: Callable[[Any], Any]) -> Any:
+        try:
+            return work(self._connect())
+        except Exception as error:
+            if self.dialect == "postgresql" and self._conn is not None and self._conn.closed:
+                self._conn = None  # a dropped connection: the next call reconnects
+            raise error
+
+    async def _call(self, work: Callable[[Any], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, work)
+
+    # -- statements ----------------------------------------------------------------------------
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Runs one statement in its own transaction; returns the rows it changed."""
+        return await self._call(lambda c: c.execute(self._sql(sql), params).rowcount)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await self._call(lambda c: [tuple(r) for r in c.execute(self._sql(sql), params).fetchall()])
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Runs the statements atomically; returns each one's changed-row count."""
+
+        def work(c: Any) -> list[int]:
+            if self.dialect == "sqlite":
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    counts = [c.execute(self._sql(s), p).rowcount for s, p in statements]
+                    c.execute("COMMIT")
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+                return counts
+            with c.transaction():
+                return [c.execute(self._sql(s), p).rowcount for s, p in statements]
+
+        return await self._call(work)
+
+    async def migrate(self, service: str, migrations: Sequence[str]) -> int:
+        """Applies the service's migrations not applied yet (by position); returns how many ran."""
+
+        def work(c: Any) -> int:
+            c.execute(self._sql(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (service TEXT NOT NULL, version INTEGER NOT NULL, "
+                "PRIMARY KEY (service, version))"
+            ))
+            done = {row[0] for row in c.execute(self._sql("SELECT version FROM schema_migrations WHERE service = ?"), (service,)).fetchall()}
+            applied = 0
+            for version, script in enumerate(migrations, start=1):
+                if version in done:
+                    continue
+                statements = [s.strip() for s in script.split(";") if s.strip()]
+                statements.append(self._sql("INSERT INTO schema_migrations (service, version) VALUES (?, ?)"))
+                if self.dialect == "sqlite":
+                    c.execute("BEGIN IMMEDIATE")
+                    try:
+                        for s in statements[:-1]:
+                            c.execute(s)
+                        c.execute(statements[-1], (service, version))
+                        c.execute("COMMIT")
+                    except BaseException:
+                        c.execute("ROLLBACK")
+                        raise
+                else:
+                    with c.transaction():
+                        for s in statements[:-1]:
+                            c.execute(s)
+                        c.execute(statements[-1], (service, version))
+                applied += 1
+            return applied
+
+        return await self._call(work)
+
+    async def close(self) -> None:
+        def work() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,118 @@
+"""Short-lived internal tokens: auth_svc signs them (EdDSA), every other service verifies them
+locally against auth_svc's published keys (a JWKS), refetched when an unknown `kid` appears.
+
+Only EdDSA is accepted: `alg: none`, HS256 signed with the public key and every other
+algorithm are refused before any key is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from cloudach.errors import Unauthenticated, Unavailable
+
+ALGORITHM = "EdDSA"
+ISSUER = "cloudach-auth"
+AUDIENCE = "cloudach-internal"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(key: Ed25519PublicKey) -> dict[str, str]:
+    """The key as a JWK, its kid the RFC 7638 thumbprint (so the same key always has the same kid)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    jwk = {"crv": "Ed25519", "kty": "OKP", "x": _b64(raw)}
+    kid = _b64(hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode()).digest())
+    return {**jwk, "kid": kid, "alg": ALGORITHM, "use": "sig"}
+
+
+def load_or_create_private_key(path: pathlib.Path) -> Ed25519PrivateKey:
+    """The signing key in a PEM file, made (readable by its owner only) when missing."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} is not an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return key
+
+
+class TokenSigner:
+    def __init__(self, key: Ed25519PrivateKey, ttl_s: float, extra_public_keys: Sequence[Ed25519PublicKey] = ()) -> None:
+        self._key = key
+        self._ttl_s = ttl_s
+        self._jwk = public_jwk(key.public_key())
+        # Keys retired from signing stay published until the tokens they signed have expired.
+        self._published = [self._jwk, *(public_jwk(k) for k in extra_public_keys)]
+
+    @property
+    def kid(self) -> str:
+        return self._jwk["kid"]
+
+    def sign(self, subject: str, claims: dict[str, Any]) -> tuple[str, int]:
+        """A token for subject with claims; returns it and its expiry (unix seconds)."""
+        now = int(time.time())
+        exp = now + int(self._ttl_s)
+        payload = {**claims, "sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": exp}
+        return jwt.encode(payload, self._key, algorithm=ALGORITHM, headers={"kid": self.kid}), exp
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        return {"keys": list(self._published)}
+
+
+class TokenVerifier:
+    """Verifies tokens with cached public keys; an unknown kid triggers one refetch (rate-limited)."""
+
+    def __init__(self, fetch_jwks: Callable[[], Awaitable[dict]], min_refetch_s: float = 5.0) -> None:
+        self._fetch = fetch_jwks
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = float("-inf")
+        self._min_refetch_s = min_refetch_s
+
+    async def _key(self, kid: str) -> Any:
+        if kid not in self._keys and time.monotonic() - self._fetched_at >= self._min_refetch_s:
+            try:
+                jwks = await self._fetch()
+            except Exception as error:  # noqa: BLE001 - any failure to reach auth_svc
+                if not self._keys:
+                    raise Unavailable("cannot fetch the token signing keys") from error
+            else:
+                self._fetched_at = time.monotonic()
+                self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks.get("keys", []) if k.get("alg") == ALGORITHM}
+        if kid not in self._keys:
+            raise Unauthenticated("token signed with an unknown key")
+        return self._keys[kid]
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims, or Unauthenticated: bad signature, algorithm, audience, issuer or time."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed token") from None
+        if header.get("alg") != ALGORITHM or not isinstance(header.get("kid"), str):
+            raise Unauthenticated("token algorithm not accepted")
+        key = await self._key(header["kid"])
+        try:
+            return jwt.decode(
+                token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
+                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+            )
+        except jwt.PyJWTError as error:
+            raise Unauthenticated(f"invalid token: {type(error).__name__}") from None
