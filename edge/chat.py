@@ -123,9 +123,15 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     config = state.config
     principal = request[PRINCIPAL]
-    chat = parse_chat_request(await read_json_object(request))
-    _check_model_allowed(principal, chat.model)
     quota = Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
+    try:
+        chat = parse_chat_request(await read_json_object(request))
+        _check_model_allowed(principal, chat.model)
+    except ApiError:
+        # A refused request still spends a request, as OpenAI counts failed requests.
+        decision = await state.limiter.admit(principal.key_id, Quota(quota.requests_per_minute, 0, 0), "", 0, 0)
+        request[RATE_HEADERS] = headers(decision)
+        raise
     reserved = _reservation(chat, config.default_reserved_output_tokens)
     decision = await state.limiter.admit(principal.key_id, quota, chat.id, reserved, lease_s=config.request_timeout_s)
     request[RATE_HEADERS] = headers(decision)

@@ -28,10 +28,11 @@ def auth_config(tmp: pathlib.Path, **overrides) -> AuthConfig:
     key_file = tmp / "admin-key"
     if not key_file.exists():
         key_file.write_text(API_KEY + "\n")
-    return AuthConfig(
+    settings = dict(
         listen_address="127.0.0.1:0", database_url=f"sqlite:///{tmp / 'auth.db'}",
-        signing_key_file=str(tmp / "signing-key.pem"), bootstrap_admin_key_file=str(key_file), **overrides,
+        signing_key_file=str(tmp / "signing-key.pem"), bootstrap_admin_key_file=str(key_file),
     )
+    return AuthConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="session")

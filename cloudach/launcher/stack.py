@@ -84,20 +84,33 @@ def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
             process.wait()
 
 
-def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int) -> int:
+def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int, auth_port: int = 50052) -> int:
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     key_file = dev_api_key(state_dir)
+    data = (state_dir / "data").resolve()
     print(f"starting Triton Inference Server with the CPU model (log: {logs / 'tritonserver.log'})", flush=True)
     triton = start_triton(logs / "tritonserver.log")
     services: list[subprocess.Popen] = []
     try:
         triton.wait_ready(["tensorrt_llm"], timeout_s=120)
         print(f"  Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}", flush=True)
+        auth_address = f"127.0.0.1:{auth_port}"
+        services.append(start_service(
+            "auth_svc",
+            {"CLOUDACH_AUTH_LISTEN": auth_address, "CLOUDACH_AUTH_DATABASE_URL": f"sqlite:///{data / 'auth.db'}",
+             "CLOUDACH_AUTH_SIGNING_KEY_FILE": str(data / "auth-signing-key.pem"),
+             # the dev key becomes an admin key, so `cloudach keys` works against the local stack
+             "CLOUDACH_AUTH_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file.resolve())},
+            logs / "auth_svc.log",
+        ))
+        wait_serving(auth_address, 30, services[-1])
+        print(f"  auth_svc ready: gRPC {auth_address}", flush=True)
         inference_address = f"127.0.0.1:{inference_port}"
         services.append(start_service(
             "inference_svc",
-            {"CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": inference_address},
+            {"CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": inference_address,
+             "CLOUDACH_AUTH_TARGET": auth_address},
             logs / "inference_svc.log",
         ))
         wait_serving(inference_address, 60, services[-1])
@@ -105,7 +118,7 @@ def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int) -> i
         services.append(start_service(
             "edge",
             {"CLOUDACH_INFERENCE_TARGET": inference_address, "CLOUDACH_PORT": str(edge_port),
-             "CLOUDACH_API_KEY_FILE": str(key_file.resolve())},
+             "CLOUDACH_AUTH_TARGET": auth_address},
             logs / "edge.log",
         ))
         wait_http_ok(f"http://127.0.0.1:{edge_port}/ready", 60, services[-1])

@@ -1,0 +1,104 @@
+"""`cloudach keys create|list|revoke`: auth_svc's admin RPCs, called with an admin key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+import grpc
+
+from cloudach.auth.v1 import auth_pb2 as pb
+from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+from cloudach.rpc.errors import error_from_rpc
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (needs an admin key)")
+    keys.add_argument("--auth-target", default=os.environ.get("CLOUDACH_AUTH_TARGET", "127.0.0.1:50052"))
+    keys.add_argument("--admin-key-file", type=pathlib.Path, default=pathlib.Path(".cloudach/dev-api-key"),
+                      help="file holding an admin key (CLOUDACH_API_KEY takes precedence)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; it is shown this once")
+    create.add_argument("--org", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--rpm", type=int, default=0, help="requests per minute (0: unlimited)")
+    create.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: unlimited)")
+    create.add_argument("--max-concurrency", type=int, default=0, help="concurrent streams (0: unlimited)")
+    create.add_argument("--models", default="", help="comma-separated models it may use (default: all)")
+    create.add_argument("--admin", action="store_true", help="may call the admin RPCs and read usage")
+    listing = actions.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--org", default="")
+    listing.add_argument("--json", action="store_true")
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+
+
+def _admin_key(args: argparse.Namespace) -> str:
+    if os.environ.get("CLOUDACH_API_KEY"):
+        return os.environ["CLOUDACH_API_KEY"]
+    try:
+        return args.admin_key_file.read_text().strip()
+    except OSError:
+        sys.exit(f"no admin key: set CLOUDACH_API_KEY or create {args.admin_key_file}")
+
+
+def _when(ts) -> str:
+    if not ts.seconds:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts.seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _row(k: pb.ApiKeyInfo) -> dict:
+    return {
+        "key_id": k.key_id, "key": k.display_prefix, "organization": k.organization, "name": k.name,
+        "status": pb.KeyStatus.Name(k.status).removeprefix("KEY_STATUS_").lower(),
+        "admin": k.admin, "rpm": k.limits.requests_per_minute, "tpm": k.limits.tokens_per_minute,
+        "max_concurrency": k.limits.max_concurrent_streams, "models": ",".join(k.limits.allowed_models) or "*",
+        "created": _when(k.created_at), "last_used": _when(k.last_used_at),
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no keys)"
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with grpc.aio.insecure_channel(args.auth_target) as channel:
+        stub = AuthServiceStub(channel)
+        try:
+            reply = await stub.Authenticate(pb.AuthenticateRequest(api_key=_admin_key(args)), timeout=10)
+            metadata = (("authorization", f"Bearer {reply.token}"),)
+            if args.action == "create":
+                limits = pb.KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
+                                      max_concurrent_streams=args.max_concurrency,
+                                      allowed_models=[m for m in args.models.split(",") if m])
+                created = await stub.CreateApiKey(pb.CreateApiKeyRequest(
+                    organization=args.org, name=args.name, limits=limits, admin=args.admin), metadata=metadata, timeout=10)
+                print(f"created {created.key.key_id} for {created.key.organization}")
+                print(f"API key (shown once, store it now): {created.api_key}")
+            elif args.action == "list":
+                listed = await stub.ListApiKeys(pb.ListApiKeysRequest(organization=args.org), metadata=metadata, timeout=10)
+                rows = [_row(k) for k in listed.keys]
+                print(json.dumps(rows, indent=2) if args.json else _table(rows))
+            else:
+                revoked = await stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=args.key_id), metadata=metadata, timeout=10)
+                print(f"revoked {revoked.key.key_id} ({revoked.key.display_prefix})")
+        except grpc.aio.AioRpcError as failure:
+            print(f"error: {error_from_rpc(failure).message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))

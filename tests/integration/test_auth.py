@@ -1,0 +1,213 @@
+"""auth_svc: the key store on SQLite and PostgreSQL, its RPCs and tokens, the CLI, and the
+token checks of the services that trust it (each rejection case)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+
+import grpc
+import jwt
+import psycopg
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from auth_svc.keys import key_hash
+from auth_svc.server import running_auth
+from auth_svc.store import KeyStore, Limits
+from cloudach import cli
+from cloudach.auth.v1 import auth_pb2 as pb
+from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+from cloudach.db import Database
+from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
+from cloudach.launcher.ports import free_ports
+from cloudach.rpc.auth import auth_jwks_fetcher
+from cloudach.tokens import AUDIENCE, ISSUER, TokenSigner, TokenVerifier
+from inference_svc.server import running_inference
+from tests.conftest import API_KEY, auth_config, inference_config
+from tests.fakes import FakeEngine
+
+POSTGRES = os.environ.get("CLOUDACH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request, tmp_path):
+    """A fresh database of each kind. PostgreSQL must be there: a missing server fails, never skips."""
+    if request.param == "sqlite":
+        db = Database(f"sqlite:///{tmp_path / 'test.db'}")
+        yield db
+        await db.close()
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    db = Database(f"{POSTGRES}?options=-csearch_path%3D{schema}")
+    try:
+        yield db
+    finally:
+        await db.close()
+        with psycopg.connect(POSTGRES, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_store_keeps_only_hashes_and_finds_revokes_and_lists(database):
+    store = KeyStore(database)
+    await store.migrate()
+    await store.migrate()  # applied once; a second start changes nothing
+    key, secret = await store.create("acme", "ci", Limits(60, 10_000, 2, ("smollm2-135m-instruct",)))
+    assert secret.startswith("ck-") and len(secret) >= 43
+    rows = await database.fetchall("SELECT * FROM api_keys")
+    assert secret not in json.dumps([list(map(str, r)) for r in rows])
+    assert key_hash(secret) in json.dumps([list(map(str, r)) for r in rows])
+    found = await store.find_active(secret)
+    assert found.key_id == key.key_id and found.limits.allowed_models == ("smollm2-135m-instruct",)
+    assert (await store.get(key.key_id)).last_used_at_ms is not None
+    assert await store.find_active(secret + "x") is None
+    other, _ = await store.create("globex", "b", Limits())
+    assert [k.key_id for k in await store.list("acme")] == [key.key_id]
+    assert {k.key_id for k in await store.list()} == {key.key_id, other.key_id}
+    assert (await store.revoke(key.key_id)).status == "revoked"
+    assert await store.find_active(secret) is None
+
+
+async def auth_stub_call(auth, method, request, token=None):
+    async with grpc.aio.insecure_channel(auth.address) as channel:
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        return await getattr(AuthServiceStub(channel), method)(request, metadata=metadata, timeout=5)
+
+
+async def test_authenticate_returns_the_principal_and_a_verifiable_eddsa_token(auth):
+    reply = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=API_KEY))
+    assert reply.principal.admin and reply.principal.organization == "local"
+    header = jwt.get_unverified_header(reply.token)
+    assert header["alg"] == "EdDSA" and header["kid"] == auth.signer.kid
+    jwks = json.loads((await auth_stub_call(auth, "GetSigningKeys", pb.GetSigningKeysRequest())).jwks_json)
+    key = jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == header["kid"])).key
+    claims = jwt.decode(reply.token, key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER)
+    assert claims["sub"] == reply.principal.key_id and 0 < claims["exp"] - claims["iat"] <= 300
+
+
+@pytest.mark.parametrize("api_key", ["", "ck-short", "sk-" + "a" * 48, "ck-" + "b" * 43])
+async def test_unknown_or_malformed_keys_are_unauthenticated(auth, api_key):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=api_key))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_admin_rpcs_need_an_admin_token(auth):
+    request = pb.ListApiKeysRequest()
+    with pytest.raises(grpc.aio.AioRpcError) as no_token:
+        await auth_stub_call(auth, "ListApiKeys", request)
+    _, secret = await auth.store.create("acme", "user", Limits())
+    user = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=secret))
+    with pytest.raises(grpc.aio.AioRpcError) as not_admin:
+        await auth_stub_call(auth, "ListApiKeys", request, token=user.token)
+    assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_cli_creates_lists_and_revokes_keys(auth, capsys, monkeypatch):
+    monkeypatch.setenv("CLOUDACH_API_KEY", API_KEY)
+    base = ["keys", "--auth-target", auth.address]
+    assert await asyncio.to_thread(cli.main, [*base, "create", "--org", "initech", "--rpm", "5", "--tpm", "900",
+                                              "--max-concurrency", "2", "--models", "smollm2-135m-instruct"]) == 0
+    created = capsys.readouterr().out
+    secret = created.split("store it now): ")[1].strip()
+    key_id = created.split()[1]
+    assert (await auth.store.find_active(secret)).limits == Limits(5, 900, 2, ("smollm2-135m-instruct",))
+    assert await asyncio.to_thread(cli.main, [*base, "list", "--org", "initech", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(k["key_id"], k["rpm"], k["status"]) for k in listed] == [(key_id, 5, "active")]
+    assert secret not in json.dumps(listed)
+    assert await asyncio.to_thread(cli.main, [*base, "revoke", key_id]) == 0
+    assert await auth.store.find_active(secret) is None
+
+
+# -- the services that trust auth_svc's tokens ----------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _hs256_with_public_key(auth) -> str:
+    """The classic confusion attack: HMAC-sign with the published public key as the secret."""
+    public_pem = auth.signer._key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    now = int(time.time())
+    head = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": auth.signer.kid}).encode())
+    body = _b64(json.dumps({"sub": "x", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 60}).encode())
+    signature = hmac.new(public_pem, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(signature)}"
+
+
+def bad_tokens(auth) -> dict[str, str]:
+    good = auth.signer.sign("key_x", {"org": "o"})[0]
+    now = int(time.time())
+    claims = {"sub": "key_x", "iss": ISSUER, "aud": AUDIENCE, "iat": now - 600, "exp": now - 300}
+    head, body, sig = good.split(".")
+    forged_body = _b64(json.dumps({**json.loads(base64.urlsafe_b64decode(body + "==")), "adm": True}).encode())
+    stranger = TokenSigner(Ed25519PrivateKey.generate(), 60)
+    return {
+        "none": "",
+        "garbage": "not.a.token",
+        "expired": jwt.encode(claims, auth.signer._key, algorithm="EdDSA", headers={"kid": auth.signer.kid}),
+        "tampered": f"{head}.{forged_body}.{sig}",
+        "wrong audience": jwt.encode({**claims, "aud": "someone-else", "exp": now + 60}, auth.signer._key,
+                                     algorithm="EdDSA", headers={"kid": auth.signer.kid}),
+        "alg none": jwt.encode({**claims, "exp": now + 60}, None, algorithm="none"),
+        "hs256 with the public key": _hs256_with_public_key(auth),
+        "unknown signer": stranger.sign("key_x", {})[0],
+    }
+
+
+async def test_inference_svc_refuses_every_bad_token(auth, inference):
+    async with grpc.aio.insecure_channel(inference.address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        for name, token in bad_tokens(auth).items():
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=metadata, timeout=5)
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                async for _ in stub.Generate(inference_pb2.GenerateRequest(), metadata=metadata, timeout=5):
+                    pass
+            assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        good = auth.signer.sign("key_x", {"org": "o"})[0]
+        reply = await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {good}"),))
+        assert reply.models
+
+
+async def test_a_rotated_signing_key_is_picked_up_by_kid(tmp_path, registry):
+    """auth_svc restarts with a new key and still publishes the old one: both kinds of token work."""
+    (port,) = free_ports(1)
+    (tmp_path / "a").mkdir()
+    first = auth_config(tmp_path / "a", listen_address=f"127.0.0.1:{port}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as auth_channel:
+        verifier = TokenVerifier(auth_jwks_fetcher(auth_channel), min_refetch_s=0)
+        async with running_auth(first) as old:
+            old_token = old.signer.sign("key_old", {})[0]
+            old_public = tmp_path / "old-public.pem"
+            old_public.write_bytes(old.signer._key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            async with running_inference(inference_config(old), engine=FakeEngine(), registry=registry, verifier=verifier) as inf:
+                async with grpc.aio.insecure_channel(inf.address) as channel:
+                    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                    await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {old_token}"),))
+                    rotated = auth_config(tmp_path / "a", listen_address=f"127.0.0.1:{port}",
+                                          signing_key_file=str(tmp_path / "new-key.pem"),
+                                          previous_public_key_files=(str(old_public),))
+                    await old.grpc.stop(0)
+                    async with running_auth(rotated) as new:
+                        assert new.signer.kid != old.signer.kid
+                        for token in (new.signer.sign("key_new", {})[0], old_token):
+                            await stub.ListModels(inference_pb2.ListModelsRequest(),
+                                                  metadata=(("authorization", f"Bearer {token}"),), timeout=5)
