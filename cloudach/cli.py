@@ -18,12 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     up.add_argument("--port", type=int, default=int(os.environ.get("CLOUDACH_PORT", "8080")),
                     help="the HTTP API's port (default 8080, or CLOUDACH_PORT)")
-    from cloudach import cli_keys
+    from cloudach import cli_keys, cli_usage
 
     cli_keys.add_parser(commands)
+    cli_usage.add_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "keys":
         return cli_keys.run(args)
+    if args.command in ("usage", "status"):
+        return cli_usage.run(args)
     if args.command == "up":
         from cloudach.launcher.stack import run_stack
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import pathlib
 import time
 from collections.abc import AsyncIterator
 
@@ -12,10 +15,12 @@ from aiohttp import web
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.errors import CloudachError
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
-from edge import chat, models, openapi
+from edge import chat, models, openapi, usage
 from edge.auth import Authenticator
+from edge.billing import ServiceToken, UsageOutbox, deliver_forever
 from edge.config import EdgeConfig
 from edge.errors import ApiError, from_domain
 from edge.http import REQUEST_ID, STARTED, Admission, request_id
@@ -83,24 +88,39 @@ async def _common_headers(request: web.Request, response: web.StreamResponse) ->
 
 
 async def channels(app: web.Application) -> AsyncIterator[None]:
-    """Clients of inference_svc, auth_svc and (when configured) Redis, for the app's lifetime."""
+    """Clients of inference_svc, auth_svc, billing_svc and (when configured) Redis, and the usage
+    outbox with its deliverer, for the app's lifetime."""
     state = app[STATE]
     config = state.config
-    async with grpc.aio.insecure_channel(config.inference_target) as inference, \
-            grpc.aio.insecure_channel(config.auth_target) as auth:
+    async with contextlib.AsyncExitStack() as stack:
+        inference = await stack.enter_async_context(grpc.aio.insecure_channel(config.inference_target))
+        auth = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target))
+        billing = await stack.enter_async_context(grpc.aio.insecure_channel(config.billing_target))
         state.inference = InferenceServiceStub(inference)
         state.inference_health = HealthStub(inference)
         state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s)
+        state.billing = BillingServiceStub(billing)
         if config.redis_url:
             client = redis.Redis.from_url(config.redis_url)
+            stack.push_async_callback(client.aclose)
             state.limiter = RedisLimiter(client, config.rate_window_s)
-            try:
-                yield
-            finally:
-                await client.aclose()
         else:
             state.limiter = InProcessLimiter(window_s=config.rate_window_s)
+        pathlib.Path(config.outbox_path).parent.mkdir(parents=True, exist_ok=True)
+        state.outbox = UsageOutbox(config.outbox_path)
+        stack.push_async_callback(state.outbox.close)
+        await state.outbox.open()
+        identity = None
+        if config.service_key_file:
+            identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())
+        deliverer = asyncio.create_task(deliver_forever(
+            state.outbox, state.billing, identity, state.outbox_wake, config.outbox_max_backoff_s))
+        try:
             yield
+        finally:
+            deliverer.cancel()  # what is not delivered stays in the outbox for the next start
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliverer
 
 
 def create_app(config: EdgeConfig) -> web.Application:
@@ -111,6 +131,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.retrieve_model)
+    app.router.add_get("/v1/usage", usage.get_usage)
     app.router.add_get("/health", models.health)
     app.router.add_get("/ready", models.ready)
     app.router.add_get("/openapi.json", openapi.openapi_json)

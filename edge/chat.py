@@ -8,11 +8,13 @@ import logging
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from cloudach.billing.v1 import billing_pb2
 from cloudach.errors import Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.metadata import PROMPT_TOKENS, TRACE_HEADERS
@@ -38,10 +40,16 @@ STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cach
 
 @dataclass(slots=True)
 class Tally:
-    """The tokens a request really used, as far as it got."""
+    """What a request amounted to, as far as it got: its tokens, timing and outcome."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: inference_svc accepted it: from here on it is billed, whatever happens
+    accepted: bool = False
+    outcome: int = billing_pb2.OUTCOME_FAILED_MID_STREAM
+    started_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    started_ns: int = field(default_factory=time.monotonic_ns)
+    time_to_first_token_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +154,41 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             )
             try:
                 tally.prompt_tokens = await _accepted(call, chat)
+                tally.accepted = True
                 if chat.stream:
                     return await _stream(request, call, chat, tally)
                 return await _complete(call, chat, tally)
+            except asyncio.CancelledError:
+                tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
+                raise
             finally:
                 call.cancel()  # a no-op once the call has ended; otherwise the generation stops
     finally:
+        if tally.accepted:
+            # Shielded: a client that leaves must not interrupt the durable write of its bill.
+            await asyncio.shield(_bill(request, principal, chat, tally))
         used = tally.prompt_tokens + tally.completion_tokens
         await state.limiter.settle(principal.key_id, quota, reserved, used)
         await state.limiter.release(principal.key_id, chat.id)
+
+
+async def _bill(request: web.Request, principal: Principal, chat: ChatRequest, tally: Tally) -> None:
+    """Puts the request's usage record in the outbox; billing_svc gets it from there."""
+    started, ended = Timestamp(), Timestamp()
+    started.FromMilliseconds(tally.started_at_ms)
+    ended.GetCurrentTime()
+    record = billing_pb2.UsageRecord(
+        request_id=chat.id, key_id=principal.key_id, organization=principal.organization, model=chat.model,
+        prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens, outcome=tally.outcome,
+        started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns,
+    )
+    state = request.app[STATE]
+    try:
+        await state.outbox.add(record)
+    except Exception:  # noqa: BLE001 - the one loss we cannot prevent: say it loudly, with what it was
+        log.exception("USAGE RECORD NOT STORED: %s", record)
+        return
+    state.outbox_wake.set()
 
 
 async def _accepted(call: grpc.aio.UnaryStreamCall, chat: ChatRequest) -> int:
@@ -190,6 +224,8 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
                 await response.write(encoder.content("".join(pending)))
             return message.finished
         text = message.delta.text
+        if not tally.time_to_first_token_ns:
+            tally.time_to_first_token_ns = time.monotonic_ns() - tally.started_ns
         tally.completion_tokens += message.delta.token_count
         pending.append(text)
         pending_chars += len(text)
@@ -211,6 +247,7 @@ async def _stream(request: web.Request, call, chat: ChatRequest, tally: Tally) -
         await response.write(encoder.role())
         finished = await _relay(request, response, call, encoder, tally)
         tally.completion_tokens = finished.usage.completion_tokens
+        tally.outcome = billing_pb2.OUTCOME_COMPLETED
         usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
         await response.write(encoder.finish(FINISH_REASONS.get(finished.finish_reason, "stop"), usage))
         if chat.include_usage:
@@ -223,6 +260,7 @@ async def _stream(request: web.Request, call, chat: ChatRequest, tally: Tally) -
         await response.write(error_event(from_domain(domain, chat.max_tokens_name).envelope()))
     except ConnectionResetError:
         log.info("client went away during stream %s", chat.id)
+        tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
         return response
     await response.write_eof()
     return response
@@ -242,6 +280,8 @@ async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
             if message.HasField("finished"):
                 finished = message.finished
             else:
+                if not tally.time_to_first_token_ns:
+                    tally.time_to_first_token_ns = time.monotonic_ns() - tally.started_ns
                 tally.completion_tokens += message.delta.token_count
                 parts.append(message.delta.text)
     except grpc.aio.AioRpcError as failure:
@@ -249,6 +289,7 @@ async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
     if finished is None:
         raise from_domain(Unavailable("the inference stream ended before the generation finished"))
     tally.completion_tokens = finished.usage.completion_tokens
+    tally.outcome = billing_pb2.OUTCOME_COMPLETED
     body = {
         "id": chat.id,
         "object": "chat.completion",

@@ -17,6 +17,14 @@ class EdgeConfig:
     auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
     #: how long an answer of auth_svc about a key is reused (a revoked key works at most this long)
     auth_cache_ttl_s: float = setting(10.0, "CLOUDACH_EDGE_AUTH_CACHE_TTL_S")
+    #: billing_svc's gRPC address
+    billing_target: str = setting("127.0.0.1:50053", "CLOUDACH_BILLING_TARGET")
+    #: the durable outbox of usage records waiting for billing_svc (SQLite)
+    outbox_path: str = setting(".cloudach/data/edge-outbox.db", "CLOUDACH_EDGE_OUTBOX_PATH")
+    #: file holding the edge's own API key, exchanged for the token it presents to billing_svc
+    service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")
+    #: longest pause between delivery attempts while billing_svc is unreachable
+    outbox_max_backoff_s: float = setting(30.0, "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S")
     #: Redis shared by the edge replicas for rate limits ("" keeps limits in this process)
     redis_url: str = setting("", "CLOUDACH_REDIS_URL")
     #: the window of "per minute" limits (shorter only in tests)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
+from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from edge.auth import Authenticator, Principal
+from edge.billing import UsageOutbox
 from edge.config import EdgeConfig
 from edge.http import Admission
 from edge.ratelimit import Limiter
@@ -24,6 +27,10 @@ class EdgeState:
     inference_health: HealthStub = field(default=None)  # type: ignore[assignment]
     auth: Authenticator = field(default=None)  # type: ignore[assignment]
     limiter: Limiter = field(default=None)  # type: ignore[assignment]
+    billing: BillingServiceStub = field(default=None)  # type: ignore[assignment]
+    outbox: UsageOutbox = field(default=None)  # type: ignore[assignment]
+    #: set when a record is added, so the deliverer does not wait for its next poll
+    outbox_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 STATE = web.AppKey("state", EdgeState)

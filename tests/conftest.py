@@ -12,6 +12,8 @@ import pytest
 
 from auth_svc.config import AuthConfig
 from auth_svc.server import running_auth
+from billing_svc.config import BillingConfig
+from billing_svc.server import running_billing
 from cloudach.inference.v1 import inference_pb2_grpc
 from cloudach.launcher.triton import TritonServer, start_triton
 from cloudach.rpc.auth import bearer_interceptors
@@ -40,6 +42,18 @@ async def auth(tmp_path_factory):
     """A real auth_svc (SQLite), whose bootstrap admin key is API_KEY."""
     async with running_auth(auth_config(tmp_path_factory.mktemp("auth"))) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+async def billing(tmp_path_factory, auth):
+    """A real billing_svc (SQLite) trusting the session's auth_svc."""
+    async with running_billing(billing_config(tmp_path_factory.mktemp("billing"), auth)) as running:
+        yield running
+
+
+def billing_config(tmp: pathlib.Path, auth, **overrides) -> BillingConfig:
+    settings = dict(listen_address="127.0.0.1:0", database_url=f"sqlite:///{tmp / 'billing.db'}", auth_target=auth.address)
+    return BillingConfig(**{**settings, **overrides})
 
 
 def service_token(auth, admin: bool = False) -> str:
@@ -116,10 +130,26 @@ from edge.app import create_app  # noqa: E402
 from edge.config import EdgeConfig  # noqa: E402
 
 
+import tempfile  # noqa: E402
+
+#: the edge's own key for billing deliveries (the admin key, as in the local stack)
+SERVICE_KEY_FILE = pathlib.Path(tempfile.mkdtemp(prefix="cloudach-test-")) / "service-key"
+SERVICE_KEY_FILE.write_text(API_KEY + "\n")
+
+
+def edge_config(inference_address: str, auth_address: str, **overrides) -> EdgeConfig:
+    settings = dict(
+        inference_target=inference_address, auth_target=auth_address, billing_target="127.0.0.1:1",
+        outbox_path=str(pathlib.Path(tempfile.mkdtemp(prefix="cloudach-outbox-")) / "outbox.db"),
+        service_key_file=str(SERVICE_KEY_FILE), outbox_max_backoff_s=0.5,
+    )
+    return EdgeConfig(**{**settings, **overrides})
+
+
 @contextlib.asynccontextmanager
 async def running_edge(inference_address: str, auth_address: str, **overrides):
     """The edge app on a free loopback port, as `python -m edge` runs it; yields its base URL."""
-    config = EdgeConfig(inference_target=inference_address, auth_target=auth_address, **overrides)
+    config = edge_config(inference_address, auth_address, **overrides)
     runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -84,7 +84,8 @@ def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
             process.wait()
 
 
-def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int, auth_port: int = 50052) -> int:
+def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int, auth_port: int = 50052,
+              billing_port: int = 50053) -> int:
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     key_file = dev_api_key(state_dir)
@@ -106,6 +107,15 @@ def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int, auth
         ))
         wait_serving(auth_address, 30, services[-1])
         print(f"  auth_svc ready: gRPC {auth_address}", flush=True)
+        billing_address = f"127.0.0.1:{billing_port}"
+        services.append(start_service(
+            "billing_svc",
+            {"CLOUDACH_BILLING_LISTEN": billing_address, "CLOUDACH_AUTH_TARGET": auth_address,
+             "CLOUDACH_BILLING_DATABASE_URL": f"sqlite:///{data / 'billing.db'}"},
+            logs / "billing_svc.log",
+        ))
+        wait_serving(billing_address, 30, services[-1])
+        print(f"  billing_svc ready: gRPC {billing_address}", flush=True)
         inference_address = f"127.0.0.1:{inference_port}"
         services.append(start_service(
             "inference_svc",
@@ -118,7 +128,10 @@ def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int, auth
         services.append(start_service(
             "edge",
             {"CLOUDACH_INFERENCE_TARGET": inference_address, "CLOUDACH_PORT": str(edge_port),
-             "CLOUDACH_AUTH_TARGET": auth_address},
+             "CLOUDACH_AUTH_TARGET": auth_address, "CLOUDACH_BILLING_TARGET": billing_address,
+             "CLOUDACH_EDGE_OUTBOX_PATH": str(data / "edge-outbox.db"),
+             # the local stack's edge reports usage with the dev (admin) key's tokens
+             "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(key_file.resolve())},
             logs / "edge.log",
         ))
         wait_http_ok(f"http://127.0.0.1:{edge_port}/ready", 60, services[-1])

@@ -1,0 +1,3 @@
+from billing_svc.server import main
+
+main()

@@ -1,0 +1,26 @@
+"""billing_svc's settings, read once from the environment."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+
+from cloudach.config import from_env, setting
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class BillingConfig:
+    listen_address: str = setting("127.0.0.1:50053", "CLOUDACH_BILLING_LISTEN")
+    #: sqlite:///path (the default, a file in the data directory) or postgresql://...
+    database_url: str = setting("sqlite:///.cloudach/data/billing.db", "CLOUDACH_BILLING_DATABASE_URL")
+    #: auth_svc, whose published keys verify callers' tokens
+    auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
+    #: prices per model (TOML)
+    prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_BILLING_PRICES_FILE")
+    shutdown_grace_s: float = setting(5.0, "CLOUDACH_BILLING_SHUTDOWN_GRACE_S")
+
+    @classmethod
+    def from_env(cls) -> BillingConfig:
+        return from_env(cls)

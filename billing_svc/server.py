@@ -1,0 +1,71 @@
+"""billing_svc's composition root: database, prices, servicer, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from billing_svc.config import BillingConfig
+from billing_svc.prices import load_prices
+from billing_svc.service import BillingService
+from billing_svc.store import UsageStore
+from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
+from cloudach.db import Database
+from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
+from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from cloudach.tokens import TokenVerifier
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
+
+
+@dataclass
+class RunningBilling:
+    grpc: GrpcServer
+    store: UsageStore
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_billing(config: BillingConfig, verifier: TokenVerifier | None = None) -> AsyncIterator[RunningBilling]:
+    """Serves billing_svc for the duration of the block. Every call needs an internal token."""
+    prices = load_prices(config.prices_file)
+    async with contextlib.AsyncExitStack() as stack:
+        db = Database(config.database_url)
+        stack.push_async_callback(db.close)
+        store = UsageStore(db)
+        await store.migrate()
+        if verifier is None:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target))
+            verifier = TokenVerifier(auth_jwks_fetcher(channel))
+        server = await start_grpc_server(
+            config.listen_address,
+            lambda s: billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingService(store, prices), s),
+            [SERVICE_NAME],
+            interceptors=[TokenInterceptor(verifier)],
+        )
+        try:
+            yield RunningBilling(server, store)
+        finally:
+            await server.stop(config.shutdown_grace_s)
+
+
+async def serve(config: BillingConfig) -> None:
+    async with running_billing(config) as running:
+        log.info("billing_svc listening on port %d", running.grpc.port)
+        signal = await wait_for_termination_signal()
+        log.info("billing_svc stopping after %s", signal.name)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(BillingConfig.from_env()))

@@ -1,0 +1,74 @@
+"""The BillingService gRPC servicer."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from billing_svc.prices import PriceList
+from billing_svc.store import Bucket, Record, UsageStore
+from cloudach.billing.v1 import billing_pb2 as pb
+from cloudach.billing.v1 import billing_pb2_grpc
+from cloudach.errors import InvalidArgument, PermissionDenied
+from cloudach.rpc.auth import caller
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = {
+    pb.OUTCOME_COMPLETED: "completed",
+    pb.OUTCOME_CANCELLED_BY_CLIENT: "cancelled_by_client",
+    pb.OUTCOME_FAILED_MID_STREAM: "failed_mid_stream",
+}
+
+
+def _record(message: pb.UsageRecord) -> Record:
+    for field in ("request_id", "key_id", "organization", "model"):
+        if not getattr(message, field):
+            raise InvalidArgument(f"record.{field} is required", param=f"record.{field}")
+    if message.outcome not in OUTCOMES:
+        raise InvalidArgument("record.outcome is required", param="record.outcome")
+    if not message.started_at.seconds:
+        raise InvalidArgument("record.started_at is required", param="record.started_at")
+    return Record(
+        request_id=message.request_id, key_id=message.key_id, organization=message.organization,
+        model=message.model, prompt_tokens=message.prompt_tokens, completion_tokens=message.completion_tokens,
+        outcome=OUTCOMES[message.outcome], started_at_ms=message.started_at.ToMilliseconds(),
+        ended_at_ms=message.ended_at.ToMilliseconds(), time_to_first_token_ns=message.time_to_first_token_ns,
+    )
+
+
+def _bucket(b: Bucket) -> pb.UsageBucket:
+    return pb.UsageBucket(day=b.day, model=b.model, requests=b.requests, prompt_tokens=b.prompt_tokens,
+                          completion_tokens=b.completion_tokens, cost_micros=b.cost_micros)
+
+
+class BillingService(billing_pb2_grpc.BillingServiceServicer):
+    def __init__(self, store: UsageStore, prices: PriceList) -> None:
+        self._store = store
+        self._prices = prices
+
+    async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
+        caller()  # any service with a valid token may report usage
+        record = _record(request.record)
+        created = await self._store.record(record, self._prices.price(record.model))
+        if not created:
+            log.info("duplicate usage record %s ignored", record.request_id)
+        return pb.RecordUsageResponse(created=created)
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
+        claims = caller()
+        scope = request.WhichOneof("scope")
+        if scope is None:
+            raise InvalidArgument("organization or key_id is required", param="scope")
+        value = getattr(request, scope)
+        own = (scope == "organization" and value == claims.get("org")) or (scope == "key_id" and value == claims.get("sub"))
+        if not (claims.get("adm") or own):
+            raise PermissionDenied("reading another organization's usage needs an admin key", code="admin_required")
+        start = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
+        end = request.end_time.ToMilliseconds() if request.HasField("end_time") else int(time.time() * 1000) + 86_400_000
+        buckets = await self._store.usage(scope, value, start, end)
+        total = pb.UsageBucket(
+            requests=sum(b.requests for b in buckets), prompt_tokens=sum(b.prompt_tokens for b in buckets),
+            completion_tokens=sum(b.completion_tokens for b in buckets), cost_micros=sum(b.cost_micros for b in buckets),
+        )
+        return pb.GetUsageResponse(buckets=[_bucket(b) for b in buckets], total=total, currency=self._prices.currency)

@@ -1,0 +1,120 @@
+"""Usage records leave the edge through a durable outbox, off the response path.
+
+Each request that reached inference is written to a local SQLite outbox (WAL, synchronous
+writes) as it ends, whatever the outcome. A background task delivers records to billing_svc,
+oldest first, deleting each once acknowledged; RecordUsage is idempotent by request id, so a
+record delivered twice (the edge died between delivery and deletion) is still counted once.
+While billing_svc is unreachable, records wait with exponential backoff, across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from cloudach.auth.v1 import auth_pb2
+from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+from cloudach.billing.v1 import billing_pb2 as pb
+from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
+from cloudach.db import Database
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = [
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL UNIQUE,
+        record BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        dead INTEGER NOT NULL DEFAULT 0,
+        created_at_ms BIGINT NOT NULL
+    )
+    """,
+]
+
+
+class UsageOutbox:
+    def __init__(self, path: str) -> None:
+        self._db = Database(f"sqlite:///{path}")
+
+    async def open(self) -> None:
+        await self._db.migrate("edge_outbox", MIGRATIONS)
+
+    async def add(self, record: pb.UsageRecord) -> None:
+        await self._db.execute(
+            "INSERT INTO outbox (request_id, record, created_at_ms) VALUES (?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+            (record.request_id, record.SerializeToString(), int(time.time() * 1000)),
+        )
+
+    async def pending(self, limit: int) -> list[tuple[int, pb.UsageRecord]]:
+        rows = await self._db.fetchall("SELECT id, record FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?", (limit,))
+        return [(row_id, pb.UsageRecord.FromString(blob)) for row_id, blob in rows]
+
+    async def delivered(self, row_id: int) -> None:
+        await self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+
+    async def set_aside(self, row_id: int) -> None:
+        """A record billing_svc refuses as invalid: kept (never lost) but no longer retried."""
+        await self._db.execute("UPDATE outbox SET dead = 1, attempts = attempts + 1 WHERE id = ?", (row_id,))
+
+    async def depth(self) -> int:
+        row = await self._db.fetchone("SELECT COUNT(*) FROM outbox")
+        return int(row[0])
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+class ServiceToken:
+    """The edge's own internal token, from its service key, renewed a minute before it expires."""
+
+    def __init__(self, auth: AuthServiceStub, key: str) -> None:
+        self._auth = auth
+        self._key = key
+        self._token = ""
+        self._renew_at = 0.0
+
+    async def metadata(self) -> tuple[tuple[str, str], ...]:
+        if time.time() >= self._renew_at:
+            reply = await self._auth.Authenticate(auth_pb2.AuthenticateRequest(api_key=self._key), timeout=5)
+            self._token = reply.token
+            self._renew_at = reply.token_expires_at.seconds - 60
+        return (("authorization", f"Bearer {self._token}"),)
+
+
+async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, identity: ServiceToken | None,
+                          wake: asyncio.Event, max_backoff_s: float = 30.0, batch: int = 100) -> None:
+    """Delivers the outbox until cancelled."""
+    backoff = 0.2
+    while True:
+        records = await outbox.pending(batch)
+        if not records:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            continue
+        try:
+            if identity is None:
+                raise RuntimeError("no service key configured (CLOUDACH_EDGE_SERVICE_KEY_FILE)")
+            metadata = await identity.metadata()
+            for row_id, record in records:
+                try:
+                    await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                        raise
+                    log.error("billing_svc refused usage record %s: %s", record.request_id, error.details())
+                    await outbox.set_aside(row_id)
+                    continue
+                await outbox.delivered(row_id)
+            backoff = 0.2
+        except (grpc.aio.AioRpcError, RuntimeError) as error:
+            log.warning("usage delivery paused %.1fs: %s", backoff, getattr(error, "details", lambda: error)())
+            await asyncio.sleep(backoff)
+            backoff = min(max_backoff_s, backoff * 2)

@@ -1,0 +1,48 @@
+"""GET /v1/usage: billed usage of an organization or a key, for dashboards (admin keys; others
+may read their own organization's)."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cloudach.billing.v1 import billing_pb2 as pb
+from cloudach.rpc.errors import error_from_rpc
+from edge.errors import bad_request, from_domain
+from edge.state import PRINCIPAL, STATE
+
+
+def _bucket(b: pb.UsageBucket) -> dict:
+    return {"day": b.day or None, "model": b.model or None, "requests": b.requests, "prompt_tokens": b.prompt_tokens,
+            "completion_tokens": b.completion_tokens, "cost_micros": b.cost_micros}
+
+
+def usage_json(reply: pb.GetUsageResponse, scope: str, value: str) -> dict:
+    """The same JSON for the HTTP API and `cloudach usage --json`."""
+    return {
+        "object": "usage", scope: value, "currency": reply.currency,
+        "data": [_bucket(b) for b in reply.buckets], "total": _bucket(reply.total),
+    }
+
+
+def _time(request: web.Request, name: str) -> Timestamp | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return Timestamp(seconds=int(raw))
+    except ValueError:
+        raise bad_request(f"Invalid '{name}': expected unix seconds.", param=name, code="invalid_type") from None
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    scope = "key_id" if "key_id" in request.query else "organization"
+    value = request.query.get(scope) or (principal.organization if scope == "organization" else "")
+    query = pb.GetUsageRequest(**{scope: value}, start_time=_time(request, "start_time"), end_time=_time(request, "end_time"))
+    try:
+        reply = await request.app[STATE].billing.GetUsage(query, metadata=principal.grpc_metadata, timeout=10)
+    except grpc.aio.AioRpcError as failure:
+        raise from_domain(error_from_rpc(failure)) from None
+    return web.json_response(usage_json(reply, scope, value))

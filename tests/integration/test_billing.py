@@ -1,0 +1,232 @@
+"""Billing: every request that reached inference is billed exactly once, whatever fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import aiohttp
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from auth_svc.store import Limits
+from billing_svc.prices import Price, cost_micros
+from billing_svc.server import running_billing
+from billing_svc.store import Record, UsageStore
+from cloudach import cli
+from cloudach.billing.v1 import billing_pb2 as pb
+from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
+from cloudach.launcher.ports import free_ports
+from cloudach.launcher.stack import wait_http_ok
+from edge.billing import UsageOutbox
+from inference_svc.server import running_inference
+from tests.conftest import (API_KEY, MODEL, SERVICE_KEY_FILE, billing_config, inference_config, running_edge,
+                            service_token)
+from tests.fakes import FakeEngine
+from tests.integration.test_auth import database  # noqa: F401 - the SQLite and PostgreSQL fixture
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+
+
+def engine(registry, delay_s=0.0, words=5):
+    return FakeEngine(steps=[registry.get(MODEL).tokenizer.encode(" ok")] * words, delay_s=delay_s)
+
+
+async def until(predicate, timeout_s=15.0):
+    """Polls an async predicate until it holds (deliveries are asynchronous by design)."""
+    async with asyncio.timeout(timeout_s):
+        while not await predicate():
+            await asyncio.sleep(0.1)
+
+
+def record(request_id: str, org="acme", prompt=10, completion=20) -> Record:
+    return Record(request_id, "key_1", org, MODEL, prompt, completion, "completed", 1_795_000_000_000, 1_795_000_001_000, 5)
+
+
+async def test_records_are_stored_once_and_costed_in_integer_micros(database):  # noqa: F811
+    store = UsageStore(database)
+    await store.migrate()
+    price = Price(input_per_million_micros=200_000, output_per_million_micros=600_000)
+    assert await store.record(record("r1"), price)
+    assert not await store.record(record("r1", prompt=999), price)  # a duplicate changes nothing
+    assert await store.record(record("r2", prompt=1, completion=1), price)
+    assert await store.record(record("r3", org="globex"), price)
+    [bucket] = await store.usage("organization", "acme", 0, 2**62)
+    assert (bucket.requests, bucket.prompt_tokens, bucket.completion_tokens) == (2, 11, 21)
+    assert bucket.cost_micros == cost_micros(11, 21, price) == (11 * 200_000 + 21 * 600_000) // 1_000_000
+    assert isinstance(bucket.cost_micros, int) and bucket.day == "2026-11-18"
+
+
+async def test_a_duplicated_delivery_does_not_double_count(billing, auth):
+    stamp = Timestamp(seconds=1_795_000_000)
+    message = pb.UsageRecord(request_id=f"dup-{uuid.uuid4().hex}", key_id="k", organization="dup-org", model=MODEL,
+                             prompt_tokens=3, completion_tokens=4, outcome=pb.OUTCOME_COMPLETED,
+                             started_at=stamp, ended_at=stamp)
+    async with grpc.aio.insecure_channel(billing.address) as channel:
+        stub = BillingServiceStub(channel)
+        metadata = (("authorization", f"Bearer {service_token(auth, admin=True)}"),)
+        first = await stub.RecordUsage(pb.RecordUsageRequest(record=message), metadata=metadata)
+        again = await stub.RecordUsage(pb.RecordUsageRequest(record=message), metadata=metadata)
+        usage = await stub.GetUsage(pb.GetUsageRequest(organization="dup-org"), metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+            await stub.RecordUsage(pb.RecordUsageRequest(record=message))
+    assert first.created and not again.created
+    assert (usage.total.requests, usage.total.prompt_tokens) == (1, 3)
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def post(session, url, key, body):
+    async with session.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        return r.status, await r.read()
+
+
+def final_usage(raw: bytes) -> tuple[str, dict]:
+    chunks = [json.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    return chunks[0]["id"], chunks[-1]["usage"]
+
+
+async def test_the_billed_record_equals_the_usage_the_stream_reported(registry, auth, billing):
+    key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
+    async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+            async with aiohttp.ClientSession() as session:
+                status, raw = await post(session, url, key, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+            request_id, usage = final_usage(raw)
+            await until(lambda: billing.store.get(request_id))
+    billed = await billing.store.get(request_id)
+    assert status == 200 and billed.outcome == "completed"
+    assert (billed.prompt_tokens, billed.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert billed.model == MODEL and billed.time_to_first_token_ns > 0
+
+
+async def test_billing_down_for_50_requests_then_back_gets_all_50_once(registry, auth, tmp_path):
+    (port,) = free_ports(1)
+    config = billing_config(tmp_path, auth, listen_address=f"127.0.0.1:{port}")
+    org = f"o-{uuid.uuid4().hex[:6]}"
+    key = (await auth.store.create(org, "t", Limits()))[1]
+    async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
+        outbox_path = str(tmp_path / "outbox.db")
+        async with running_edge(inf.address, auth.address, billing_target=f"127.0.0.1:{port}", outbox_path=outbox_path) as url:
+            async with aiohttp.ClientSession() as session:
+                results = await asyncio.gather(*(post(session, url, key, CHAT) for _ in range(50)))
+            assert [s for s, _ in results] == [200] * 50
+            waiting = UsageOutbox(outbox_path)
+            assert await waiting.depth() == 50  # nothing lost while billing_svc is down
+            await waiting.close()
+            async with running_billing(config) as billing:
+                await until(lambda: _total_requests(billing.store, org, 50))
+                await asyncio.sleep(1.0)  # any second delivery would land now
+                [bucket] = await billing.store.usage("organization", org, 0, 2**62)
+    assert bucket.requests == 50
+    assert bucket.completion_tokens == sum(json.loads(raw)["usage"]["completion_tokens"] for _, raw in results)
+
+
+async def _total_requests(store: UsageStore, org: str, expected: int) -> bool:
+    buckets = await store.usage("organization", org, 0, 2**62)
+    return sum(b.requests for b in buckets) == expected
+
+
+async def test_records_in_the_outbox_survive_a_sigkilled_edge(registry, auth, tmp_path):
+    (billing_port, edge_port) = free_ports(2)
+    org = f"o-{uuid.uuid4().hex[:6]}"
+    key = (await auth.store.create(org, "t", Limits()))[1]
+    outbox_path = tmp_path / "outbox.db"
+    async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
+        env = {**os.environ, "CLOUDACH_PORT": str(edge_port), "CLOUDACH_INFERENCE_TARGET": inf.address,
+               "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_BILLING_TARGET": f"127.0.0.1:{billing_port}",
+               "CLOUDACH_EDGE_OUTBOX_PATH": str(outbox_path), "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(SERVICE_KEY_FILE),
+               "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S": "0.5"}
+
+        def start_edge() -> subprocess.Popen:
+            log = open(tmp_path / "edge.log", "ab")
+            return subprocess.Popen([sys.executable, "-m", "edge"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        edge = start_edge()
+        try:
+            await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{edge_port}/health", 30, edge)
+            async with aiohttp.ClientSession() as session:
+                results = await asyncio.gather(*(post(session, f"http://127.0.0.1:{edge_port}", key, CHAT) for _ in range(7)))
+            assert [s for s, _ in results] == [200] * 7
+            edge.send_signal(signal.SIGKILL)
+            edge.wait()
+            waiting = UsageOutbox(str(outbox_path))
+            assert await waiting.depth() == 7
+            await waiting.close()
+            async with running_billing(billing_config(tmp_path, auth, listen_address=f"127.0.0.1:{billing_port}")) as billing:
+                edge = start_edge()
+                await until(lambda: _total_requests(billing.store, org, 7))
+        finally:
+            edge.kill()
+            edge.wait()
+
+
+async def test_organization_totals_equal_the_sum_of_the_responses_usage(registry, auth, billing):
+    orgs = [f"o-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    keys = {org: (await auth.store.create(org, "t", Limits()))[1] for org in orgs}
+    async with running_inference(inference_config(auth), engine=engine(registry, words=8), registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+            async with aiohttp.ClientSession() as session:
+                reported = {org: [0, 0, 0] for org in orgs}
+                for i in range(6):
+                    org = orgs[i % 2]
+                    body = {**CHAT, "max_tokens": 3 + i, "stream": i % 3 == 0}
+                    if body["stream"]:
+                        body["stream_options"] = {"include_usage": True}
+                    status, raw = await post(session, url, keys[org], body)
+                    usage = final_usage(raw)[1] if body["stream"] else json.loads(raw)["usage"]
+                    reported[org][0] += 1
+                    reported[org][1] += usage["prompt_tokens"]
+                    reported[org][2] += usage["completion_tokens"]
+                for org in orgs:
+                    await until(lambda org=org: _total_requests(billing.store, org, reported[org][0]))
+                    async with session.get(f"{url}/v1/usage", params={"organization": org},
+                                           headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                        body = await r.json()
+                    total = body["total"]
+                    assert [total["requests"], total["prompt_tokens"], total["completion_tokens"]] == reported[org]
+                    assert body["data"][0]["model"] == MODEL and isinstance(total["cost_micros"], int)
+                # Someone else's organization is not for a non-admin key.
+                async with session.get(f"{url}/v1/usage", params={"organization": orgs[1]},
+                                       headers={"Authorization": f"Bearer {keys[orgs[0]]}"}) as r:
+                    assert r.status == 403
+
+
+async def test_a_client_that_leaves_is_billed_for_the_prompt_and_what_was_generated(registry, auth, billing):
+    key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
+    async with running_inference(inference_config(auth), engine=engine(registry, delay_s=0.05, words=200),
+                                 registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 200, "stream": True},
+                                        headers={"Authorization": f"Bearer {key}"}) as r:
+                    first = json.loads((await r.content.readuntil(b"\n\n"))[6:])
+                    for _ in range(3):
+                        await r.content.readuntil(b"\n\n")
+            await until(lambda: billing.store.get(first["id"]))
+    billed = await billing.store.get(first["id"])
+    assert billed.outcome == "cancelled_by_client"
+    assert billed.prompt_tokens > 0 and 3 <= billed.completion_tokens < 200
+
+
+async def test_cli_usage_prints_the_same_numbers(registry, auth, billing, capsys, monkeypatch):
+    org = f"o-{uuid.uuid4().hex[:6]}"
+    stamp = Timestamp(seconds=1_795_000_000)
+    async with grpc.aio.insecure_channel(billing.address) as channel:
+        await BillingServiceStub(channel).RecordUsage(pb.RecordUsageRequest(record=pb.UsageRecord(
+            request_id=f"cli-{uuid.uuid4().hex}", key_id="k", organization=org, model=MODEL, prompt_tokens=1000,
+            completion_tokens=2000, outcome=pb.OUTCOME_COMPLETED, started_at=stamp, ended_at=stamp)),
+            metadata=(("authorization", f"Bearer {service_token(auth)}"),))
+    monkeypatch.setenv("CLOUDACH_API_KEY", API_KEY)
+    args = ["usage", "--auth-target", auth.address, "--billing-target", billing.address, "--org", org]
+    assert await asyncio.to_thread(cli.main, [*args, "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["total"]["prompt_tokens"] == 1000 and body["total"]["cost_micros"] == (1000 * 10_000 + 2000 * 20_000) // 1_000_000
+    assert await asyncio.to_thread(cli.main, args) == 0
+    table = capsys.readouterr().out
+    assert "2026-11-18" in table and "1000" in table and "2000" in table
