@@ -18,7 +18,7 @@ from auth_svc.store import KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2, auth_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor
-from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
 from cloudach.tokens import TokenSigner, TokenVerifier, load_or_create_private_key
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,9 @@ OPEN_METHODS = (f"/{SERVICE_NAME}/Authenticate", f"/{SERVICE_NAME}/GetSigningKey
 
 
 @dataclass
-class RunningAuth:
-    grpc: GrpcServer
+class RunningAuth(RunningService):
     store: KeyStore
     signer: TokenSigner
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc.port}"
 
 
 def _signer(config: AuthConfig) -> TokenSigner:

@@ -17,7 +17,7 @@ from billing_svc.store import UsageStore
 from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
-from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
 from cloudach.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,8 @@ SERVICE_NAME = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_na
 
 
 @dataclass
-class RunningBilling:
-    grpc: GrpcServer
+class RunningBilling(RunningService):
     store: UsageStore
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc.port}"
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ import grpc
 
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
-from cloudach.rpc.server import GrpcServer, start_grpc_server, wait_for_termination_signal
+from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
 from cloudach.tokens import TokenVerifier
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
@@ -26,13 +26,8 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 
 
 @dataclass
-class RunningInference:
-    grpc: GrpcServer
+class RunningInference(RunningService):
     service: InferenceService
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc.port}"
 
 
 async def _watch_health(server: GrpcServer, registry: ModelRegistry, engine: Engine, every_s: float) -> None:

@@ -40,6 +40,17 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
+@dataclass
+class RunningService:
+    """What a service's running_*() context yields: its gRPC server, and where to reach it."""
+
+    grpc: GrpcServer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc.port}"
+
+
 async def start_grpc_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],

@@ -230,3 +230,19 @@ async def test_cli_usage_prints_the_same_numbers(registry, auth, billing, capsys
     assert await asyncio.to_thread(cli.main, args) == 0
     table = capsys.readouterr().out
     assert "2026-11-18" in table and "1000" in table and "2000" in table
+
+
+async def test_a_stream_that_fails_mid_way_is_billed_as_failed(registry, auth, billing):
+    from cloudach.errors import Unavailable
+
+    key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
+    failing = FakeEngine(steps=[registry.get(MODEL).tokenizer.encode(" ok")] * 10, fail_after=4, error=Unavailable("gone"))
+    async with running_inference(inference_config(auth), engine=failing, registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+            async with aiohttp.ClientSession() as session:
+                status, raw = await post(session, url, key, {**CHAT, "max_tokens": 50, "stream": True})
+            request_id = json.loads(raw.split(b"\n\n")[0][6:])["id"]
+            assert status == 200 and b'"error"' in raw
+            await until(lambda: billing.store.get(request_id))
+    billed = await billing.store.get(request_id)
+    assert billed.outcome == "failed_mid_stream" and billed.prompt_tokens > 0 and billed.completion_tokens == 4
