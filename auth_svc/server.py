@@ -18,6 +18,7 @@ from auth_svc.store import KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2, auth_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor
+from cloudach.telemetry import configure_tracing
 from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
 from cloudach.tokens import TokenSigner, TokenVerifier, load_or_create_private_key
 
@@ -90,4 +91,5 @@ async def serve(config: AuthConfig) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_tracing("auth_svc")
     asyncio.run(serve(AuthConfig.from_env()))

@@ -17,6 +17,7 @@ from billing_svc.store import UsageStore
 from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
+from cloudach.telemetry import client_interceptors, configure_tracing
 from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
 from cloudach.tokens import TokenVerifier
 
@@ -40,7 +41,7 @@ async def running_billing(config: BillingConfig, verifier: TokenVerifier | None 
         store = UsageStore(db)
         await store.migrate()
         if verifier is None:
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target))
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(channel))
         server = await start_grpc_server(
             config.listen_address,
@@ -63,4 +64,5 @@ async def serve(config: BillingConfig) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_tracing("billing_svc")
     asyncio.run(serve(BillingConfig.from_env()))

@@ -18,6 +18,7 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.errors import CloudachError
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from cloudach.telemetry import client_interceptors
 from edge import chat, models, openapi, usage
 from edge.auth import Authenticator
 from edge.billing import ServiceToken, UsageOutbox, deliver_forever
@@ -27,6 +28,7 @@ from edge.http import REQUEST_ID, STARTED, Admission, request_id
 from edge.ratelimit import InProcessLimiter
 from edge.ratelimit_redis import RedisLimiter
 from edge.state import PRINCIPAL, RATE_HEADERS, STATE, EdgeState
+from edge.tracing import tracing_middleware
 
 log = logging.getLogger("edge.access")
 
@@ -93,9 +95,9 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
     async with contextlib.AsyncExitStack() as stack:
-        inference = await stack.enter_async_context(grpc.aio.insecure_channel(config.inference_target))
-        auth = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target))
-        billing = await stack.enter_async_context(grpc.aio.insecure_channel(config.billing_target))
+        inference = await stack.enter_async_context(grpc.aio.insecure_channel(config.inference_target, interceptors=client_interceptors()))
+        auth = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
+        billing = await stack.enter_async_context(grpc.aio.insecure_channel(config.billing_target, interceptors=client_interceptors()))
         state.inference = InferenceServiceStub(inference)
         state.inference_health = HealthStub(inference)
         state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s)
@@ -124,7 +126,11 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: EdgeConfig) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        # The server span is outermost, so it covers authentication and records the final status.
+        middlewares=[tracing_middleware, errors_middleware, auth_middleware],
+        client_max_size=config.max_body_bytes,
+    )
     app[STATE] = EdgeState(config, Admission(config.max_concurrent_requests))
     app.cleanup_ctx.append(channels)
     app.on_response_prepare.append(_common_headers)

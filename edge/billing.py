@@ -14,6 +14,7 @@ import logging
 import time
 
 import grpc
+from opentelemetry import propagate, trace
 
 from cloudach.auth.v1 import auth_pb2
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
@@ -34,7 +35,9 @@ MIGRATIONS = [
         created_at_ms BIGINT NOT NULL
     )
     """,
+    "ALTER TABLE outbox ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''",
 ]
+tracer = trace.get_tracer("cloudach.edge")
 
 
 class UsageOutbox:
@@ -44,15 +47,17 @@ class UsageOutbox:
     async def open(self) -> None:
         await self._db.migrate("edge_outbox", MIGRATIONS)
 
-    async def add(self, record: pb.UsageRecord) -> None:
+    async def add(self, record: pb.UsageRecord, traceparent: str = "") -> None:
         await self._db.execute(
-            "INSERT INTO outbox (request_id, record, created_at_ms) VALUES (?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-            (record.request_id, record.SerializeToString(), int(time.time() * 1000)),
+            "INSERT INTO outbox (request_id, record, created_at_ms, traceparent) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING",
+            (record.request_id, record.SerializeToString(), int(time.time() * 1000), traceparent),
         )
 
-    async def pending(self, limit: int) -> list[tuple[int, pb.UsageRecord]]:
-        rows = await self._db.fetchall("SELECT id, record FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?", (limit,))
-        return [(row_id, pb.UsageRecord.FromString(blob)) for row_id, blob in rows]
+    async def pending(self, limit: int) -> list[tuple[int, pb.UsageRecord, str]]:
+        rows = await self._db.fetchall(
+            "SELECT id, record, traceparent FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?", (limit,))
+        return [(row_id, pb.UsageRecord.FromString(blob), traceparent) for row_id, blob, traceparent in rows]
 
     async def delivered(self, row_id: int) -> None:
         await self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
@@ -103,9 +108,12 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
             if identity is None:
                 raise RuntimeError("no service key configured (CLOUDACH_EDGE_SERVICE_KEY_FILE)")
             metadata = await identity.metadata()
-            for row_id, record in records:
+            for row_id, record, traceparent in records:
                 try:
-                    await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
+                    parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+                    with tracer.start_as_current_span("usage delivery", context=parent,
+                                                      attributes={"cloudach.request_id": record.request_id}):
+                        await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
                         raise

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import propagate, trace
 
 from cloudach.billing.v1 import billing_pb2
 from cloudach.errors import Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
-from cloudach.metadata import PROMPT_TOKENS, TRACE_HEADERS
+from cloudach.metadata import PROMPT_TOKENS
 from cloudach.rpc.errors import error_from_call, error_from_rpc
 from edge.auth import Principal
 from edge.errors import ApiError, bad_request, from_domain
@@ -50,6 +51,11 @@ class Tally:
     started_at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     started_ns: int = field(default_factory=time.monotonic_ns)
     time_to_first_token_ns: int = 0
+    finish_reason: str = ""
+
+    def first_token(self) -> None:
+        self.time_to_first_token_ns = time.monotonic_ns() - self.started_ns
+        trace.get_current_span().add_event("gen_ai.first_token")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +147,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         request[RATE_HEADERS] = headers(decision)
         raise
     reserved = _reservation(chat, config.default_reserved_output_tokens)
+    span = trace.get_current_span()
+    span.set_attributes(_request_attributes(chat, principal))
     decision = await state.limiter.admit(principal.key_id, quota, chat.id, reserved, lease_s=config.request_timeout_s)
     request[RATE_HEADERS] = headers(decision)
     if not decision.allowed:
@@ -148,10 +156,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     tally = Tally()
     try:
         with state.admission:
-            trace = tuple((h, request.headers[h]) for h in TRACE_HEADERS if h in request.headers)
-            call = state.inference.Generate(
-                chat.generate, timeout=config.request_timeout_s, metadata=principal.grpc_metadata + trace
-            )
+            # The channel's tracing interceptor passes this request's trace context on.
+            call = state.inference.Generate(chat.generate, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)
             try:
                 tally.prompt_tokens = await _accepted(call, chat)
                 tally.accepted = True
@@ -164,12 +170,45 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             finally:
                 call.cancel()  # a no-op once the call has ended; otherwise the generation stops
     finally:
+        span.set_attributes(_usage_attributes(chat, tally))
         if tally.accepted:
             # Shielded: a client that leaves must not interrupt the durable write of its bill.
             await asyncio.shield(_bill(request, principal, chat, tally))
         used = tally.prompt_tokens + tally.completion_tokens
         await state.limiter.settle(principal.key_id, quota, reserved, used)
         await state.limiter.release(principal.key_id, chat.id)
+
+
+def _request_attributes(chat: ChatRequest, principal: Principal) -> dict:
+    """GenAI semantic-convention attributes of the request: ids, model, limits; never prompt text."""
+    stopping, sampling = chat.generate.stopping, chat.generate.sampling
+    attributes = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.system": "cloudach",
+        "gen_ai.request.model": chat.model,
+        "gen_ai.response.id": chat.id,
+        "cloudach.key_id": principal.key_id,
+        "cloudach.organization": principal.organization,
+        "cloudach.stream": chat.stream,
+    }
+    if stopping.HasField("max_new_tokens"):
+        attributes["gen_ai.request.max_tokens"] = stopping.max_new_tokens
+    if sampling.HasField("temperature"):
+        attributes["gen_ai.request.temperature"] = sampling.temperature
+    if sampling.HasField("top_p"):
+        attributes["gen_ai.request.top_p"] = sampling.top_p
+    return attributes
+
+
+def _usage_attributes(chat: ChatRequest, tally: Tally) -> dict:
+    attributes = {
+        "gen_ai.response.model": chat.model,
+        "gen_ai.usage.input_tokens": tally.prompt_tokens,
+        "gen_ai.usage.output_tokens": tally.completion_tokens,
+    }
+    if tally.finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = (tally.finish_reason,)
+    return attributes
 
 
 async def _bill(request: web.Request, principal: Principal, chat: ChatRequest, tally: Tally) -> None:
@@ -183,8 +222,10 @@ async def _bill(request: web.Request, principal: Principal, chat: ChatRequest, t
         started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns,
     )
     state = request.app[STATE]
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the delivery, later, joins this request's trace
     try:
-        await state.outbox.add(record)
+        await state.outbox.add(record, carrier.get("traceparent", ""))
     except Exception:  # noqa: BLE001 - the one loss we cannot prevent: say it loudly, with what it was
         log.exception("USAGE RECORD NOT STORED: %s", record)
         return
@@ -225,7 +266,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
             return message.finished
         text = message.delta.text
         if not tally.time_to_first_token_ns:
-            tally.time_to_first_token_ns = time.monotonic_ns() - tally.started_ns
+            tally.first_token()
         tally.completion_tokens += message.delta.token_count
         pending.append(text)
         pending_chars += len(text)
@@ -248,8 +289,9 @@ async def _stream(request: web.Request, call, chat: ChatRequest, tally: Tally) -
         finished = await _relay(request, response, call, encoder, tally)
         tally.completion_tokens = finished.usage.completion_tokens
         tally.outcome = billing_pb2.OUTCOME_COMPLETED
+        tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")
         usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
-        await response.write(encoder.finish(FINISH_REASONS.get(finished.finish_reason, "stop"), usage))
+        await response.write(encoder.finish(tally.finish_reason, usage))
         if chat.include_usage:
             await response.write(encoder.usage(usage))
         await response.write(DONE)
@@ -281,7 +323,7 @@ async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
                 finished = message.finished
             else:
                 if not tally.time_to_first_token_ns:
-                    tally.time_to_first_token_ns = time.monotonic_ns() - tally.started_ns
+                    tally.first_token()
                 tally.completion_tokens += message.delta.token_count
                 parts.append(message.delta.text)
     except grpc.aio.AioRpcError as failure:
@@ -290,6 +332,7 @@ async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
         raise from_domain(Unavailable("the inference stream ended before the generation finished"))
     tally.completion_tokens = finished.usage.completion_tokens
     tally.outcome = billing_pb2.OUTCOME_COMPLETED
+    tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")
     body = {
         "id": chat.id,
         "object": "chat.completion",
@@ -300,7 +343,7 @@ async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
                 "index": 0,
                 "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
                 "logprobs": None,
-                "finish_reason": FINISH_REASONS.get(finished.finish_reason, "stop"),
+                "finish_reason": tally.finish_reason,
             }
         ],
         "usage": usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens),

@@ -6,12 +6,14 @@ import logging
 
 from aiohttp import web
 
+from cloudach.telemetry import configure_tracing
 from edge.app import create_app
 from edge.config import EdgeConfig
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_tracing("edge")
     config = EdgeConfig.from_env()
     web.run_app(
         create_app(config),

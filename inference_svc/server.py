@@ -12,6 +12,7 @@ import grpc
 
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
+from cloudach.telemetry import client_interceptors, configure_tracing
 from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
 from cloudach.tokens import TokenVerifier
 from inference_svc.config import InferenceConfig
@@ -56,7 +57,7 @@ async def running_inference(
     engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s)
     async with contextlib.AsyncExitStack() as stack:
         if verifier is None:
-            auth_channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target))
+            auth_channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(auth_channel))
         service = InferenceService(registry, engine, config)
         server = await start_grpc_server(
@@ -84,4 +85,5 @@ async def serve(config: InferenceConfig) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_tracing("inference_svc")
     asyncio.run(serve(InferenceConfig.from_env()))

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from cloudach.errors import ResourceExhausted
 from cloudach.metadata import PROMPT_TOKENS
@@ -21,11 +21,10 @@ from inference_svc.registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 
-def trace_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The caller's W3C trace context, re-injected for Triton's own spans."""
-    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+def trace_headers() -> dict[str, str]:
+    """This call's W3C trace context (its server span, child of the caller's), for the engine."""
     headers: dict[str, str] = {}
-    propagate.inject(headers, context=propagate.extract(carrier))
+    propagate.inject(headers)
     return headers
 
 
@@ -50,11 +49,25 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         outcome = Outcome()
         plan = None
         try:
-            plan = plan_generation(request, self._registry, trace_headers(context))
+            plan = plan_generation(request, self._registry, trace_headers())
+            span = trace.get_current_span()
+            span.set_attributes({
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": plan.spec.id,
+                "gen_ai.request.max_tokens": plan.engine_request.max_new_tokens,
+                "gen_ai.usage.input_tokens": plan.prompt_tokens, "cloudach.request_id": plan.engine_request.request_id,
+            })
             # Accepted: the caller may commit to a successful response before the first token.
             await context.send_initial_metadata(((PROMPT_TOKENS, str(plan.prompt_tokens)),))
+            first = True
             async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
+                if first and event.HasField("delta"):
+                    span.add_event("gen_ai.first_token")
+                    first = False
                 yield event
+            span.set_attributes({
+                "gen_ai.usage.output_tokens": outcome.completion_tokens,
+                "gen_ai.response.finish_reasons": (pb.FinishReason.Name(outcome.finish_reason).removeprefix("FINISH_REASON_").lower(),),
+            })
         except asyncio.CancelledError:
             log.info("generation cancelled by the caller: %s", request.request_id)
             raise

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import numpy as np
+from opentelemetry import propagate, trace
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -21,6 +22,7 @@ from cloudach.errors import CloudachError, DeadlineExceeded, ResourceExhausted, 
 from inference_svc.engine import EngineRequest
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("cloudach.inference_svc")
 
 _QUEUE_FULL_MARKERS = ("queue is full", "exceeds maximum queue size", "maximum queue size")
 
@@ -87,6 +89,7 @@ class TritonEngine:
     def __init__(self, urls: Sequence[str], token_timeout_s: float) -> None:
         if not urls:
             raise ValueError("at least one Triton URL is required")
+        self._urls = list(urls)
         self._clients = [triton.InferenceServerClient(url) for url in urls]
         self._in_flight = [0] * len(urls)
         self._token_timeout_s = token_timeout_s
@@ -118,10 +121,17 @@ class TritonEngine:
             }
             await finished.wait()  # keep our side open until the model has finished
 
-        self._in_flight[index] += 1
-        responses = self._clients[index].stream_infer(
-            inputs_iterator=requests(), headers=dict(request.trace_headers) or None
+        # A client span per Triton stream; its context is what Triton's own spans join.
+        span = tracer.start_span(
+            "triton ModelStreamInfer", context=propagate.extract(request.trace_headers), kind=trace.SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
+                        "rpc.method": "ModelStreamInfer", "server.address": self._urls[index],
+                        "cloudach.triton.model": request.model, "cloudach.request_id": request.request_id},
         )
+        headers: dict[str, str] = {}
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        self._in_flight[index] += 1
+        responses = self._clients[index].stream_infer(inputs_iterator=requests(), headers=headers)
         try:
             while True:
                 try:
@@ -142,10 +152,14 @@ class TritonEngine:
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return
+        except BaseException as error:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
+            raise
         finally:
             finished.set()
             self._in_flight[index] -= 1
             responses.cancel()  # no-op after a clean end; cancels the request in the model otherwise
+            span.end()
 
     async def model_ready(self, model: str) -> bool:
         for client in self._clients:

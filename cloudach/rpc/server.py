@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloudach.rpc.errors import ErrorInterceptor
+from cloudach.telemetry import server_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,11 @@ async def start_grpc_server(
     """Starts a server on address ("host:0" picks a free port) with register()'s services.
 
     serving=False starts it NOT_SERVING, for a service whose readiness a watcher decides."""
-    # The error interceptor is outermost, so failures of the others (a bad token) map too.
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=list(options))
+    # Tracing is outermost so spans see final status codes; errors next, so failures of the
+    # others (a bad token) are mapped too.
+    server = grpc.aio.server(
+        interceptors=[server_interceptor(), ErrorInterceptor(), *interceptors], options=list(options)
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,0 +1,52 @@
+"""Tracing set up from the standard OpenTelemetry environment variables, for every service.
+
+OTEL_SERVICE_NAME (default: the service's own name), OTEL_RESOURCE_ATTRIBUTES,
+OTEL_TRACES_EXPORTER = otlp | console | none (comma-separated; unset means none, so a laptop
+without a collector logs no export errors), OTEL_EXPORTER_OTLP_ENDPOINT / _TRACES_ENDPOINT
+(OTLP over HTTP), and the sampler variables OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG,
+which the SDK reads itself. OTEL_SDK_DISABLED=true turns it all off.
+
+No span carries an API key or prompt text: spans hold counts, ids, models and timings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+
+def configure_tracing(service_name: str) -> TracerProvider | None:
+    """Installs the process's tracer provider; returns it (None when tracing is off)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
+    provider = TracerProvider(resource=Resource.create(attributes))
+    for name in (n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "none").split(",")):
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif name not in ("none", ""):
+            raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console or none)")
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def client_interceptors() -> list:
+    """Interceptors that give each outgoing gRPC call a client span and pass its context on."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+def server_interceptor():
+    """The interceptor that gives each incoming gRPC call a server span, child of the caller's."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return aio_server_interceptor()
