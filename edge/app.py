@@ -28,7 +28,7 @@ from edge.http import REQUEST_ID, STARTED, Admission, request_id
 from edge.ratelimit import InProcessLimiter
 from edge.ratelimit_redis import RedisLimiter
 from edge.state import PRINCIPAL, RATE_HEADERS, STATE, EdgeState
-from edge.tracing import tracing_middleware
+from edge.tracing import record_status, tracing_middleware
 
 log = logging.getLogger("edge.access")
 
@@ -134,6 +134,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app[STATE] = EdgeState(config, Admission(config.max_concurrent_requests))
     app.cleanup_ctx.append(channels)
     app.on_response_prepare.append(_common_headers)
+    app.on_response_prepare.append(record_status)
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.retrieve_model)

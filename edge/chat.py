@@ -171,12 +171,18 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 call.cancel()  # a no-op once the call has ended; otherwise the generation stops
     finally:
         span.set_attributes(_usage_attributes(chat, tally))
-        if tally.accepted:
-            # Shielded: a client that leaves must not interrupt the durable write of its bill.
-            await asyncio.shield(_bill(request, principal, chat, tally))
-        used = tally.prompt_tokens + tally.completion_tokens
-        await state.limiter.settle(principal.key_id, quota, reserved, used)
-        await state.limiter.release(principal.key_id, chat.id)
+        # Shielded as one unit: a client that leaves (even just after [DONE]) cancels this handler,
+        # and must interrupt neither the durable write of its bill nor the release of its limits.
+        await asyncio.shield(_settle(request, principal, chat, tally, quota, reserved))
+
+
+async def _settle(request: web.Request, principal: Principal, chat: ChatRequest, tally: Tally,
+                  quota: Quota, reserved: int) -> None:
+    limiter = request.app[STATE].limiter
+    if tally.accepted:
+        await _bill(request, principal, chat, tally)
+    await limiter.settle(principal.key_id, quota, reserved, tally.prompt_tokens + tally.completion_tokens)
+    await limiter.release(principal.key_id, chat.id)
 
 
 def _request_attributes(chat: ChatRequest, principal: Principal) -> dict:
@@ -202,6 +208,7 @@ def _request_attributes(chat: ChatRequest, principal: Principal) -> dict:
 
 def _usage_attributes(chat: ChatRequest, tally: Tally) -> dict:
     attributes = {
+        "cloudach.outcome": billing_pb2.Outcome.Name(tally.outcome).removeprefix("OUTCOME_").lower(),
         "gen_ai.response.model": chat.model,
         "gen_ai.usage.input_tokens": tally.prompt_tokens,
         "gen_ai.usage.output_tokens": tally.completion_tokens,
@@ -263,6 +270,9 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
         if message.HasField("finished"):
             if pending:
                 await response.write(encoder.content("".join(pending)))
+            # Finished is the last event: reading on to the end of the stream completes the call
+            # (and the tracing interceptor's client span, which ends when the stream does).
+            await call.read()
             return message.finished
         text = message.delta.text
         if not tally.time_to_first_token_ns:

@@ -26,8 +26,13 @@ async def tracing_middleware(request: web.Request, handler) -> web.StreamRespons
         kind=trace.SpanKind.SERVER,
         attributes={"http.request.method": request.method, "http.route": route, "url.scheme": request.scheme},
     ) as span:
-        response = await handler(request)
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            span.set_status(trace.Status(trace.StatusCode.ERROR))
-        return response
+        return await handler(request)
+
+
+async def record_status(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the status is known (and final) once the response is prepared, even if
+    the client then leaves before the handler returns."""
+    span = trace.get_current_span()
+    span.set_attribute("http.response.status_code", response.status)
+    if response.status >= 500:
+        span.set_status(trace.Status(trace.StatusCode.ERROR))

@@ -21,6 +21,17 @@ from inference_svc.config import InferenceConfig
 from inference_svc.registry import ModelRegistry, load_registry
 from inference_svc.server import running_inference
 
+# Every service in these tests runs in this process: one tracer provider records all their spans.
+from opentelemetry import trace as _trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider as _Provider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor as _Simple  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter as _Memory  # noqa: E402
+
+SPANS = _Memory()
+_provider = _Provider()
+_provider.add_span_processor(_Simple(SPANS))
+_trace.set_tracer_provider(_provider)
+
 MODEL = "smollm2-135m-instruct"
 #: imported into the session's auth_svc as its bootstrap admin key
 API_KEY = "ck-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
