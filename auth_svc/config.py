@@ -10,6 +10,8 @@ from cloudach.config import from_env, setting
 @dataclass(frozen=True)
 class AuthConfig:
     listen_address: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_LISTEN")
+    #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
+    metrics_port: int = setting(9102, "CLOUDACH_AUTH_METRICS_PORT")
     #: sqlite:///path (the default, a file in the data directory) or postgresql://...
     database_url: str = setting("sqlite:///.cloudach/data/auth.db", "CLOUDACH_AUTH_DATABASE_URL")
     #: Ed25519 private key (PEM) signing internal tokens; made, mode 600, when missing

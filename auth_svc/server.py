@@ -10,6 +10,7 @@ import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
 from cryptography.hazmat.primitives import serialization
 
 from auth_svc.config import AuthConfig
@@ -72,6 +73,7 @@ async def running_auth(config: AuthConfig) -> AsyncIterator[RunningAuth]:
             config.listen_address,
             lambda s: auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(store, signer), s),
             [SERVICE_NAME],
+            metrics=("auth", CollectorRegistry(), None if config.metrics_port < 0 else config.metrics_port),
             interceptors=[TokenInterceptor(TokenVerifier(local_jwks), open_methods=OPEN_METHODS)],
         )
         try:

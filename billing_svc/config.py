@@ -13,6 +13,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class BillingConfig:
     listen_address: str = setting("127.0.0.1:50053", "CLOUDACH_BILLING_LISTEN")
+    #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
+    metrics_port: int = setting(9103, "CLOUDACH_BILLING_METRICS_PORT")
     #: sqlite:///path (the default, a file in the data directory) or postgresql://...
     database_url: str = setting("sqlite:///.cloudach/data/billing.db", "CLOUDACH_BILLING_DATABASE_URL")
     #: auth_svc, whose published keys verify callers' tokens

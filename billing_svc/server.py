@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from billing_svc.config import BillingConfig
 from billing_svc.prices import load_prices
@@ -47,6 +48,7 @@ async def running_billing(config: BillingConfig, verifier: TokenVerifier | None 
             config.listen_address,
             lambda s: billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingService(store, prices), s),
             [SERVICE_NAME],
+            metrics=("billing", CollectorRegistry(), None if config.metrics_port < 0 else config.metrics_port),
             interceptors=[TokenInterceptor(verifier)],
         )
         try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -38,15 +39,30 @@ def configure_tracing(service_name: str) -> TracerProvider | None:
     return provider
 
 
+class _TraceContext:
+    @staticmethod
+    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        if not carrier:
+            return details
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *carrier.items()))
+
+
+class _TraceContextUnary(_TraceContext, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _TraceContextStream(_TraceContext, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
 def client_interceptors() -> list:
-    """Interceptors that give each outgoing gRPC call a client span and pass its context on."""
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    """Pass the current trace context (W3C traceparent) on every outgoing gRPC call.
 
-    return list(aio_client_interceptors())
-
-
-def server_interceptor():
-    """The interceptor that gives each incoming gRPC call a server span, child of the caller's."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    return aio_server_interceptor()
+    Only metadata is added: the call object is returned as it is, never wrapped, so streams
+    behave exactly as without tracing. (OpenTelemetry's own grpc.aio client interceptor turns
+    a server stream into a generator whose span ends only if it is read to exhaustion.)"""
+    return [_TraceContextUnary(), _TraceContextStream()]

@@ -20,6 +20,7 @@ from cloudach.errors import CloudachError
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.telemetry import client_interceptors
 from edge import chat, models, openapi, usage
+from edge.metrics import metrics_endpoint
 from edge.auth import Authenticator
 from edge.billing import ServiceToken, UsageOutbox, deliver_forever
 from edge.config import EdgeConfig
@@ -27,7 +28,7 @@ from edge.errors import ApiError, from_domain
 from edge.http import REQUEST_ID, STARTED, Admission, request_id
 from edge.ratelimit import InProcessLimiter
 from edge.ratelimit_redis import RedisLimiter
-from edge.state import PRINCIPAL, RATE_HEADERS, STATE, EdgeState
+from edge.state import MODEL, PRINCIPAL, RATE_HEADERS, STATE, EdgeState
 from edge.tracing import record_status, tracing_middleware
 
 log = logging.getLogger("edge.access")
@@ -65,6 +66,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         response = _error_response(ApiError(500, "The server had an error while processing your request.", type="server_error"))
     log.info("%s %s %d %.1fms request_id=%s", request.method, request.path, response.status,
              (time.monotonic() - request[STARTED]) * 1000, request[REQUEST_ID])
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[STATE].metrics.requests.labels(route, str(response.status), request.get(MODEL, "")).inc()
     return response
 
 
@@ -100,7 +104,7 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         billing = await stack.enter_async_context(grpc.aio.insecure_channel(config.billing_target, interceptors=client_interceptors()))
         state.inference = InferenceServiceStub(inference)
         state.inference_health = HealthStub(inference)
-        state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s)
+        state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s, counter=state.metrics.auth_cache)
         state.billing = BillingServiceStub(billing)
         if config.redis_url:
             client = redis.Redis.from_url(config.redis_url)
@@ -116,7 +120,8 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         if config.service_key_file:
             identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())
         deliverer = asyncio.create_task(deliver_forever(
-            state.outbox, state.billing, identity, state.outbox_wake, config.outbox_max_backoff_s))
+            state.outbox, state.billing, identity, state.outbox_wake, config.outbox_max_backoff_s,
+            depth_gauge=state.metrics.outbox_depth))
         try:
             yield
         finally:
@@ -140,6 +145,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", models.retrieve_model)
     app.router.add_get("/v1/usage", usage.get_usage)
     app.router.add_get("/health", models.health)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/ready", models.ready)
     app.router.add_get("/openapi.json", openapi.openapi_json)
     return app

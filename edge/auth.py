@@ -63,8 +63,11 @@ def _principal(reply: pb.AuthenticateResponse) -> Principal:
 
 
 class Authenticator:
-    def __init__(self, stub: AuthServiceStub, ttl_s: float, max_entries: int = 100_000, timeout_s: float = 2.0) -> None:
+    def __init__(self, stub: AuthServiceStub, ttl_s: float, max_entries: int = 100_000, timeout_s: float = 2.0,
+                 counter=None) -> None:
         self._stub = stub
+        #: a Prometheus counter labelled by result ("hit", "miss"), when given
+        self._counter = counter
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._timeout_s = timeout_s
@@ -80,8 +83,12 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             self.hits += 1
+            if self._counter is not None:
+                self._counter.labels("hit").inc()
             return self._answer(cached[1])
         self.misses += 1
+        if self._counter is not None:
+            self._counter.labels("miss").inc()
         try:
             reply = await self._stub.Authenticate(pb.AuthenticateRequest(api_key=key), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:

@@ -92,10 +92,13 @@ class ServiceToken:
 
 
 async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, identity: ServiceToken | None,
-                          wake: asyncio.Event, max_backoff_s: float = 30.0, batch: int = 100) -> None:
-    """Delivers the outbox until cancelled."""
+                          wake: asyncio.Event, max_backoff_s: float = 30.0, batch: int = 100,
+                          depth_gauge=None) -> None:
+    """Delivers the outbox until cancelled; keeps depth_gauge (a Prometheus gauge) current."""
     backoff = 0.2
     while True:
+        if depth_gauge is not None:
+            depth_gauge.set(await outbox.depth())
         records = await outbox.pending(batch)
         if not records:
             wake.clear()

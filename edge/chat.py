@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -26,7 +27,7 @@ from edge.http import read_json_object
 from edge.ratelimit import Quota, headers, refusal
 from edge.schema import CREATE_CHAT_COMPLETION_REQUEST
 from edge.sse import DONE, KEEPALIVE, ChunkEncoder, error_event, usage_dict
-from edge.state import PRINCIPAL, RATE_HEADERS, STATE
+from edge.state import MODEL, PRINCIPAL, RATE_HEADERS, STATE
 from edge.validation import validate
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,19 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         decision = await state.limiter.admit(principal.key_id, Quota(quota.requests_per_minute, 0, 0), "", 0, 0)
         request[RATE_HEADERS] = headers(decision)
         raise
+    request[MODEL] = chat.model
     reserved = _reservation(chat, config.default_reserved_output_tokens)
     span = trace.get_current_span()
     span.set_attributes(_request_attributes(chat, principal))
     decision = await state.limiter.admit(principal.key_id, quota, chat.id, reserved, lease_s=config.request_timeout_s)
     request[RATE_HEADERS] = headers(decision)
     if not decision.allowed:
+        state.metrics.rejections.labels(f"rate_limit_{decision.refused_by}").inc()
         raise refusal(decision, quota)
     tally = Tally()
     try:
+        if state.admission.active >= state.admission.limit:
+            state.metrics.rejections.labels("capacity").inc()
         with state.admission:
             # The channel's tracing interceptor passes this request's trace context on.
             call = state.inference.Generate(chat.generate, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)
@@ -178,7 +183,12 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 async def _settle(request: web.Request, principal: Principal, chat: ChatRequest, tally: Tally,
                   quota: Quota, reserved: int) -> None:
-    limiter = request.app[STATE].limiter
+    state = request.app[STATE]
+    limiter = state.limiter
+    if tally.accepted:
+        state.metrics.output_tokens.labels(chat.model).inc(tally.completion_tokens)
+        if tally.time_to_first_token_ns:
+            state.metrics.ttft.labels(chat.model).observe(tally.time_to_first_token_ns / 1e9)
     if tally.accepted:
         await _bill(request, principal, chat, tally)
     await limiter.settle(principal.key_id, quota, reserved, tally.prompt_tokens + tally.completion_tokens)
@@ -247,23 +257,33 @@ async def _accepted(call: grpc.aio.UnaryStreamCall, chat: ChatRequest) -> int:
     return int(value)
 
 
+async def _keepalives(response: web.StreamResponse, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await response.write(KEEPALIVE)
+
+
 async def _first_message(response: web.StreamResponse, call: grpc.aio.UnaryStreamCall, keepalive_s: float):
-    """The first event, with keep-alive comments while a long prompt is prefilled."""
-    read = asyncio.ensure_future(call.read())
+    """The first event, with keep-alive comments while a long prompt is prefilled.
+
+    Only the handler's task reads the call; the helper task only writes comments, and is
+    stopped (and awaited) before anything else is written."""
+    keepalive = asyncio.create_task(_keepalives(response, keepalive_s))
     try:
-        while True:
-            done, _ = await asyncio.wait((read,), timeout=keepalive_s)
-            if done:
-                return read.result()
-            await response.write(KEEPALIVE)
+        return await call.read()
     finally:
-        read.cancel()
+        keepalive.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+            await keepalive
 
 
 async def _relay(request: web.Request, response: web.StreamResponse, call, encoder: ChunkEncoder, tally: Tally) -> pb.Finished:
     """Streams deltas as content chunks, merging them while the client's socket is backed up."""
     transport = request.transport
-    message = await _first_message(response, call, request.app[STATE].config.keepalive_s)
+    state = request.app[STATE]
+    message = await _first_message(response, call, state.config.keepalive_s)
+    itl = state.metrics.itl.labels(encoder.model)
+    last = time.monotonic()
     pending: list[str] = []
     pending_chars = 0
     while message is not grpc.aio.EOF:
@@ -275,8 +295,12 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
             await call.read()
             return message.finished
         text = message.delta.text
+        now = time.monotonic()
         if not tally.time_to_first_token_ns:
             tally.first_token()
+        else:
+            itl.observe(now - last)
+        last = now
         tally.completion_tokens += message.delta.token_count
         pending.append(text)
         pending_chars += len(text)
@@ -292,6 +316,8 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, encod
 async def _stream(request: web.Request, call, chat: ChatRequest, tally: Tally) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     await response.prepare(request)
+    active = request.app[STATE].metrics.active_streams
+    active.inc()
     _bound_send_buffer(request, request.app[STATE].config.stream_send_buffer_bytes)
     encoder = ChunkEncoder(chat.id, chat.created, chat.model, chat.include_usage)
     try:
@@ -314,6 +340,8 @@ async def _stream(request: web.Request, call, chat: ChatRequest, tally: Tally) -
         log.info("client went away during stream %s", chat.id)
         tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
         return response
+    finally:
+        active.dec()
     await response.write_eof()
     return response
 

@@ -34,9 +34,10 @@ def error_event(envelope: dict) -> bytes:
 class ChunkEncoder:
     """The `data:` events of one chat.completion.chunk stream."""
 
-    __slots__ = ("_meta", "_choice_open", "_content_open", "_content_close", "_usage_null")
+    __slots__ = ("model", "_meta", "_choice_open", "_content_open", "_content_close", "_usage_null")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.model = model
         self._meta = f'"id":{_dumps(completion_id)},"object":"chat.completion.chunk","created":{created},"model":{_dumps(model)}'
         # OpenAI: with include_usage every chunk carries "usage": null but the extra last one.
         self._usage_null = ',"usage":null' if include_usage else ""

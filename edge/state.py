@@ -15,6 +15,7 @@ from edge.auth import Authenticator, Principal
 from edge.billing import UsageOutbox
 from edge.config import EdgeConfig
 from edge.http import Admission
+from edge.metrics import EdgeMetrics
 from edge.ratelimit import Limiter
 
 
@@ -22,6 +23,7 @@ from edge.ratelimit import Limiter
 class EdgeState:
     config: EdgeConfig
     admission: Admission
+    metrics: EdgeMetrics = field(default_factory=EdgeMetrics)
     # Set while the app runs (see app.channels): clients of the services behind the edge.
     inference: InferenceServiceStub = field(default=None)  # type: ignore[assignment]
     inference_health: HealthStub = field(default=None)  # type: ignore[assignment]
@@ -38,3 +40,5 @@ STATE = web.AppKey("state", EdgeState)
 PRINCIPAL = web.RequestKey("principal", Principal)
 #: x-ratelimit-* headers for the response, once the limiter has seen the request
 RATE_HEADERS = web.RequestKey("rate_headers", dict)
+#: the model a request asked for, for the request counter's label
+MODEL = web.RequestKey("model", str)

@@ -14,6 +14,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 class InferenceConfig:
     #: where the gRPC server listens ("host:0" picks a free port)
     listen_address: str = setting("127.0.0.1:50051", "CLOUDACH_INFERENCE_LISTEN")
+    #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
+    metrics_port: int = setting(9101, "CLOUDACH_INFERENCE_METRICS_PORT")
     #: Triton gRPC endpoints, comma-separated; each stream goes to the least busy one
     triton_urls: tuple[str, ...] = setting(("127.0.0.1:8001",), "CLOUDACH_TRITON_URLS")
     #: auth_svc, whose published keys verify the callers' tokens

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
@@ -18,7 +19,7 @@ from cloudach.tokens import TokenVerifier
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
 from inference_svc.registry import ModelRegistry, load_registry
-from inference_svc.service import InferenceService
+from inference_svc.service import InferenceMetrics, InferenceService
 from inference_svc.triton_engine import TritonEngine
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,13 @@ async def running_inference(
         if verifier is None:
             auth_channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(auth_channel))
-        service = InferenceService(registry, engine, config)
+        metrics = CollectorRegistry()
+        service = InferenceService(registry, engine, config, InferenceMetrics(metrics))
         server = await start_grpc_server(
             config.listen_address,
             lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
             [SERVICE_NAME],
+            metrics=("inference", metrics, None if config.metrics_port < 0 else config.metrics_port),
             interceptors=[TokenInterceptor(verifier)],
             serving=False,  # until _watch_health has seen a model ready in Triton
         )

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import propagate, trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cloudach.errors import ResourceExhausted
 from cloudach.metadata import PROMPT_TOKENS
@@ -28,11 +29,22 @@ def trace_headers() -> dict[str, str]:
     return headers
 
 
+class InferenceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft = Histogram("cloudach_inference_time_to_first_token_seconds", "From arrival to the first token",
+                              ["model"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)
+        self.output_tokens = Counter("cloudach_inference_output_tokens_total", "Tokens generated", ["model"], registry=registry)
+        self.active = Gauge("cloudach_inference_active_streams", "Generations in progress", registry=registry)
+        self.rejected = Counter("cloudach_inference_admission_rejections_total", "Streams refused at capacity", registry=registry)
+
+
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, engine: Engine, config: InferenceConfig) -> None:
+    def __init__(self, registry: ModelRegistry, engine: Engine, config: InferenceConfig,
+                 metrics: InferenceMetrics | None = None) -> None:
         self._registry = registry
         self._engine = engine
         self._config = config
+        self._metrics = metrics or InferenceMetrics(CollectorRegistry())
         self._active = 0
 
     @property
@@ -41,11 +53,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         if self._active >= self._config.max_concurrent_streams:
+            self._metrics.rejected.inc()
             raise ResourceExhausted(
                 f"inference_svc is at capacity ({self._config.max_concurrent_streams} streams); retry shortly",
                 code="server_overloaded",
             )
         self._active += 1
+        self._metrics.active.inc()
         outcome = Outcome()
         plan = None
         try:
@@ -73,7 +87,11 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise
         finally:
             self._active -= 1
+            self._metrics.active.dec()
             if plan is not None:
+                self._metrics.output_tokens.labels(plan.spec.id).inc(outcome.completion_tokens)
+                if outcome.time_to_first_token_ns:
+                    self._metrics.ttft.labels(plan.spec.id).observe(outcome.time_to_first_token_ns / 1e9)
                 # Counts and timings only: prompts and generated text never reach the logs.
                 log.info(
                     "generation request_id=%s model=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft_ms=%.1f",

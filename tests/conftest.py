@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import subprocess
+import sys
 import re
 import urllib.request
 
@@ -42,7 +45,7 @@ def auth_config(tmp: pathlib.Path, **overrides) -> AuthConfig:
     if not key_file.exists():
         key_file.write_text(API_KEY + "\n")
     settings = dict(
-        listen_address="127.0.0.1:0", database_url=f"sqlite:///{tmp / 'auth.db'}",
+        listen_address="127.0.0.1:0", metrics_port=0, database_url=f"sqlite:///{tmp / 'auth.db'}",
         signing_key_file=str(tmp / "signing-key.pem"), bootstrap_admin_key_file=str(key_file),
     )
     return AuthConfig(**{**settings, **overrides})
@@ -63,7 +66,8 @@ async def billing(tmp_path_factory, auth):
 
 
 def billing_config(tmp: pathlib.Path, auth, **overrides) -> BillingConfig:
-    settings = dict(listen_address="127.0.0.1:0", database_url=f"sqlite:///{tmp / 'billing.db'}", auth_target=auth.address)
+    settings = dict(listen_address="127.0.0.1:0", metrics_port=0, database_url=f"sqlite:///{tmp / 'billing.db'}",
+                    auth_target=auth.address)
     return BillingConfig(**{**settings, **overrides})
 
 
@@ -101,7 +105,8 @@ def triton(tmp_path_factory):
 
 def inference_config(auth, **overrides) -> InferenceConfig:
     return dataclasses.replace(
-        InferenceConfig(), listen_address="127.0.0.1:0", health_poll_s=0.2, auth_target=auth.address, **overrides
+        InferenceConfig(), listen_address="127.0.0.1:0", metrics_port=0, health_poll_s=0.2, auth_target=auth.address,
+        **overrides
     )
 
 
@@ -185,3 +190,11 @@ async def edge_over_fake(engine, registry, auth, **edge_overrides):
     async with running_inference(inference_config(auth), engine=engine, registry=registry) as inf:
         async with running_edge(inf.address, auth.address, **edge_overrides) as url:
             yield url
+
+
+
+def run_cli(*args: str, api_key: str = API_KEY) -> subprocess.CompletedProcess:
+    """The `cloudach` command in its own process, as a user runs it. (In this process it would
+    start a second event loop, and grpc.aio serves one event loop per process.)"""
+    return subprocess.run([sys.executable, "-m", "cloudach", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CLOUDACH_API_KEY": api_key})

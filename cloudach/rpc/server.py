@@ -10,11 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloudach.metrics import RpcObservability, serve_metrics
 from cloudach.rpc.errors import ErrorInterceptor
-from cloudach.telemetry import server_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class GrpcServer:
     health: health.aio.HealthServicer
     port: int
     service_names: Sequence[str]
+    #: the port serving this service's Prometheus metrics (None when not served)
+    metrics_port: int | None = None
 
     async def set_serving(self, serving: bool) -> None:
         """Reports every service (and the server as a whole, "") as serving or not."""
@@ -59,14 +62,18 @@ async def start_grpc_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, object]] = (),
     serving: bool = True,
+    metrics: tuple[str, CollectorRegistry, int | None] | None = None,
 ) -> GrpcServer:
     """Starts a server on address ("host:0" picks a free port) with register()'s services.
 
-    serving=False starts it NOT_SERVING, for a service whose readiness a watcher decides."""
-    # Tracing is outermost so spans see final status codes; errors next, so failures of the
-    # others (a bad token) are mapped too.
+    serving=False starts it NOT_SERVING, for a service whose readiness a watcher decides.
+    metrics=(name, registry, port): spans and RPC counts go to registry, served on port
+    (0: a free port; None: not served)."""
+    # Errors outermost, so failures of the others (a bad token) are mapped too; then the span
+    # and counts, which see each call's domain error; then the rest (the token check).
+    name, registry = (metrics[0], metrics[1]) if metrics else (service_names[0].split(".")[1], CollectorRegistry())
     server = grpc.aio.server(
-        interceptors=[server_interceptor(), ErrorInterceptor(), *interceptors], options=list(options)
+        interceptors=[ErrorInterceptor(), RpcObservability(name, registry), *interceptors], options=list(options)
     )
     register(server)
     health_servicer = health.aio.HealthServicer()
@@ -78,7 +85,8 @@ async def start_grpc_server(
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    running = GrpcServer(server, health_servicer, port, tuple(service_names))
+    metrics_port = serve_metrics(registry, metrics[2]) if metrics and metrics[2] is not None else None
+    running = GrpcServer(server, health_servicer, port, tuple(service_names), metrics_port)
     await running.set_serving(serving)
     return running
 

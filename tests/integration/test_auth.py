@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from auth_svc.keys import key_hash
 from auth_svc.server import running_auth
 from auth_svc.store import KeyStore, Limits
-from cloudach import cli
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.db import Database
@@ -31,7 +30,7 @@ from cloudach.launcher.ports import free_ports
 from cloudach.rpc.auth import auth_jwks_fetcher
 from cloudach.tokens import AUDIENCE, ISSUER, TokenSigner, TokenVerifier
 from inference_svc.server import running_inference
-from tests.conftest import API_KEY, auth_config, inference_config
+from tests.conftest import API_KEY, auth_config, inference_config, run_cli
 from tests.fakes import FakeEngine
 
 POSTGRES = os.environ.get("CLOUDACH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
@@ -113,21 +112,22 @@ async def test_admin_rpcs_need_an_admin_token(auth):
     assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_cli_creates_lists_and_revokes_keys(auth, capsys, monkeypatch):
-    monkeypatch.setenv("CLOUDACH_API_KEY", API_KEY)
+async def test_cli_creates_lists_and_revokes_keys(auth):
     base = ["keys", "--auth-target", auth.address]
-    assert await asyncio.to_thread(cli.main, [*base, "create", "--org", "initech", "--rpm", "5", "--tpm", "900",
-                                              "--max-concurrency", "2", "--models", "smollm2-135m-instruct"]) == 0
-    created = capsys.readouterr().out
-    secret = created.split("store it now): ")[1].strip()
-    key_id = created.split()[1]
+    created = await asyncio.to_thread(run_cli, *base, "create", "--org", "initech", "--rpm", "5", "--tpm", "900",
+                                      "--max-concurrency", "2", "--models", "smollm2-135m-instruct")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.split("store it now): ")[1].strip()
+    key_id = created.stdout.split()[1]
     assert (await auth.store.find_active(secret)).limits == Limits(5, 900, 2, ("smollm2-135m-instruct",))
-    assert await asyncio.to_thread(cli.main, [*base, "list", "--org", "initech", "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    assert [(k["key_id"], k["rpm"], k["status"]) for k in listed] == [(key_id, 5, "active")]
-    assert secret not in json.dumps(listed)
-    assert await asyncio.to_thread(cli.main, [*base, "revoke", key_id]) == 0
-    assert await auth.store.find_active(secret) is None
+    listed = await asyncio.to_thread(run_cli, *base, "list", "--org", "initech", "--json")
+    rows = json.loads(listed.stdout)
+    assert [(k["key_id"], k["rpm"], k["status"]) for k in rows] == [(key_id, 5, "active")]
+    assert secret not in listed.stdout
+    revoked = await asyncio.to_thread(run_cli, *base, "revoke", key_id)
+    assert revoked.returncode == 0 and await auth.store.find_active(secret) is None
+    refused = await asyncio.to_thread(run_cli, *base, "list", api_key=secret)
+    assert refused.returncode == 1 and "error:" in refused.stderr
 
 
 # -- the services that trust auth_svc's tokens ----------------------------------------------------

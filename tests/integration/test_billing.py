@@ -19,15 +19,14 @@ from auth_svc.store import Limits
 from billing_svc.prices import Price, cost_micros
 from billing_svc.server import running_billing
 from billing_svc.store import Record, UsageStore
-from cloudach import cli
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.launcher.ports import free_ports
 from cloudach.launcher.stack import wait_http_ok
 from edge.billing import UsageOutbox
 from inference_svc.server import running_inference
-from tests.conftest import (API_KEY, MODEL, SERVICE_KEY_FILE, billing_config, inference_config, running_edge,
-                            service_token)
+from tests.conftest import (API_KEY, MODEL, SERVICE_KEY_FILE, billing_config, inference_config, run_cli,
+                            running_edge, service_token)
 from tests.fakes import FakeEngine
 from tests.integration.test_auth import database  # noqa: F401 - the SQLite and PostgreSQL fixture
 
@@ -214,7 +213,7 @@ async def test_a_client_that_leaves_is_billed_for_the_prompt_and_what_was_genera
     assert billed.prompt_tokens > 0 and 3 <= billed.completion_tokens < 200
 
 
-async def test_cli_usage_prints_the_same_numbers(registry, auth, billing, capsys, monkeypatch):
+async def test_cli_usage_prints_the_same_numbers(registry, auth, billing):
     org = f"o-{uuid.uuid4().hex[:6]}"
     stamp = Timestamp(seconds=1_795_000_000)
     async with grpc.aio.insecure_channel(billing.address) as channel:
@@ -222,13 +221,11 @@ async def test_cli_usage_prints_the_same_numbers(registry, auth, billing, capsys
             request_id=f"cli-{uuid.uuid4().hex}", key_id="k", organization=org, model=MODEL, prompt_tokens=1000,
             completion_tokens=2000, outcome=pb.OUTCOME_COMPLETED, started_at=stamp, ended_at=stamp)),
             metadata=(("authorization", f"Bearer {service_token(auth)}"),))
-    monkeypatch.setenv("CLOUDACH_API_KEY", API_KEY)
     args = ["usage", "--auth-target", auth.address, "--billing-target", billing.address, "--org", org]
-    assert await asyncio.to_thread(cli.main, [*args, "--json"]) == 0
-    body = json.loads(capsys.readouterr().out)
+    as_json = await asyncio.to_thread(run_cli, *args, "--json")
+    body = json.loads(as_json.stdout)
     assert body["total"]["prompt_tokens"] == 1000 and body["total"]["cost_micros"] == (1000 * 10_000 + 2000 * 20_000) // 1_000_000
-    assert await asyncio.to_thread(cli.main, args) == 0
-    table = capsys.readouterr().out
+    table = (await asyncio.to_thread(run_cli, *args)).stdout
     assert "2026-11-18" in table and "1000" in table and "2000" in table
 
 

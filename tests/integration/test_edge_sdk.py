@@ -193,7 +193,7 @@ async def test_a_client_that_goes_away_stops_generation_in_the_model(edge_url, t
 async def test_killing_inference_svc_mid_stream_raises_in_the_sdk_instead_of_hanging(triton, auth, tmp_path):
     (port,) = free_ports(1)
     env = {**os.environ, "CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": f"127.0.0.1:{port}",
-           "CLOUDACH_AUTH_TARGET": auth.address}
+           "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_INFERENCE_METRICS_PORT": "0"}
     log = open(tmp_path / "inference_svc.log", "wb")
     process = subprocess.Popen([sys.executable, "-m", "inference_svc"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
