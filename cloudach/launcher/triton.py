@@ -108,6 +108,15 @@ class TritonServer:
             self.process.wait()
 
 
+def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
+    """Triton's OpenTelemetry tracing (OTLP over HTTP): its spans join the trace whose traceparent
+    inference_svc sends with each stream. Empty url: tracing off."""
+    if not otlp_traces_url:
+        return []
+    return ["--trace-config", "mode=opentelemetry", "--trace-config", f"opentelemetry,url={otlp_traces_url}",
+            "--trace-config", f"rate={rate}", "--trace-config", "level=TIMESTAMPS"]
+
+
 def start_triton(
     log_path: pathlib.Path,
     model_repository: pathlib.Path = CPU_MODEL_REPOSITORY,
@@ -131,6 +140,7 @@ def start_triton(
         f"--metrics-port={metrics_port}",
         "--allow-gpu-metrics=false",
         "--exit-timeout-secs=10",
+        *trace_args(os.environ.get("CLOUDACH_TRITON_TRACE_URL", "")),
         *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
