@@ -9,6 +9,7 @@ task ends with the call, and nothing attaches or detaches a context across a str
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cloudach.errors import CloudachError
+from cloudach.rpc.wrap import wrap_handler
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -69,41 +71,21 @@ class RpcObservability(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(("/grpc.health", "/grpc.reflection")):
-            return handler
         full_method = handler_call_details.method
+        if handler is None or full_method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
         method = full_method.rsplit("/", 1)[-1]
-        serializers = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
-        if handler.unary_unary:
-            behavior = handler.unary_unary
+        @contextlib.asynccontextmanager
+        async def observed(context: Any):
+            started, error = time.monotonic(), None
+            span = self._start(full_method, method, context)
+            try:
+                yield
+            except BaseException as failure:
+                error = failure
+                raise
+            finally:
+                self._done(method, started, error, span)
 
-            async def unary(request: Any, context: Any) -> Any:
-                started, error = time.monotonic(), None
-                span = self._start(full_method, method, context)
-                try:
-                    return await behavior(request, context)
-                except BaseException as failure:
-                    error = failure
-                    raise
-                finally:
-                    self._done(method, started, error, span)
-
-            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-        if handler.unary_stream:
-            stream_behavior = handler.unary_stream
-
-            async def stream(request: Any, context: Any):
-                started, error = time.monotonic(), None
-                span = self._start(full_method, method, context)
-                try:
-                    async for response in stream_behavior(request, context):
-                        yield response
-                except BaseException as failure:
-                    error = failure
-                    raise
-                finally:
-                    self._done(method, started, error, span)
-
-            return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-        return handler
+        return wrap_handler(handler, observed)

@@ -12,12 +12,14 @@ No span carries an API key or prompt text: spans hold counts, ids, models and ti
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
-import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from cloudach.rpc.client import metadata_interceptors
 
 
 def configure_tracing(service_name: str) -> TracerProvider | None:
@@ -39,30 +41,15 @@ def configure_tracing(service_name: str) -> TracerProvider | None:
     return provider
 
 
-class _TraceContext:
-    @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        if not carrier:
-            return details
-        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), *carrier.items()))
-
-
-class _TraceContextUnary(_TraceContext, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
-
-
-class _TraceContextStream(_TraceContext, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+def _trace_context() -> Iterable[tuple[str, str]]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.items()
 
 
 def client_interceptors() -> list:
     """Pass the current trace context (W3C traceparent) on every outgoing gRPC call.
 
-    Only metadata is added: the call object is returned as it is, never wrapped, so streams
-    behave exactly as without tracing. (OpenTelemetry's own grpc.aio client interceptor turns
-    a server stream into a generator whose span ends only if it is read to exhaustion.)"""
-    return [_TraceContextUnary(), _TraceContextStream()]
+    (OpenTelemetry's own grpc.aio client interceptor turns a server stream into a generator
+    whose span ends only if it is read to exhaustion; this one adds metadata and nothing else.)"""
+    return metadata_interceptors(_trace_context)

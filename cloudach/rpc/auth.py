@@ -6,6 +6,7 @@ available to the handler as `caller()`. Health checks and reflection stay open.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 
 from cloudach.errors import Unauthenticated
+from cloudach.rpc.wrap import wrap_handler
 from cloudach.tokens import TokenVerifier
 
 _CALLER: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("caller", default=None)
@@ -34,29 +36,6 @@ def bearer(metadata: Sequence[tuple[str, Any]] | None) -> str:
     raise Unauthenticated("missing bearer token")
 
 
-def with_preamble(handler: grpc.RpcMethodHandler, preamble: Callable[[Any], Awaitable[None]]) -> grpc.RpcMethodHandler:
-    """The handler, running `await preamble(context)` in the call's own task before its behavior."""
-    serializers = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        behavior = handler.unary_unary
-
-        async def unary(request, context):
-            await preamble(context)
-            return await behavior(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-    if handler.unary_stream:
-        stream_behavior = handler.unary_stream
-
-        async def stream(request, context):
-            await preamble(context)
-            async for response in stream_behavior(request, context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-    return handler
-
-
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, verifier: TokenVerifier, open_methods: Sequence[str] = ()) -> None:
         self._verifier = verifier
@@ -68,11 +47,12 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(OPEN_PREFIXES) or method in self._open:
             return handler
 
-        async def verify(context) -> None:
-            claims = await self._verifier.verify(bearer(context.invocation_metadata()))
-            _CALLER.set(claims)
+        @contextlib.asynccontextmanager
+        async def verified(context):
+            _CALLER.set(await self._verifier.verify(bearer(context.invocation_metadata())))
+            yield
 
-        return with_preamble(handler, verify)
+        return wrap_handler(handler, verified)
 
 
 def auth_jwks_fetcher(channel: grpc.aio.Channel) -> Callable[[], Awaitable[dict]]:
@@ -90,26 +70,9 @@ def auth_jwks_fetcher(channel: grpc.aio.Channel) -> Callable[[], Awaitable[dict]
     return fetch
 
 
-class _Bearer:
-    def __init__(self, token: str) -> None:
-        self._entry = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), self._entry))
-
-
-class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
-
-
-class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
-
-
 def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    """Client side: attach `authorization: Bearer <token>` to every call of a channel.
+    """Client side: attach `authorization: Bearer <token>` to every call of a channel."""
+    from cloudach.rpc.client import metadata_interceptors
 
-    Two objects, because grpc.aio files each interceptor under one kind of call only."""
-    return [_BearerUnary(token), _BearerStream(token)]
+    entry = (("authorization", f"Bearer {token}"),)
+    return metadata_interceptors(lambda: entry)

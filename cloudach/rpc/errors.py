@@ -7,15 +7,16 @@ Clients: error_from_rpc() turns an AioRpcError back into the same CloudachError.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from cloudach.errors import BY_STATUS, CloudachError, Internal
+from cloudach.rpc.wrap import wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -70,47 +71,21 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(request, context)
-        except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
-            if isinstance(error, grpc.aio.AbortError):
-                raise
-            await _abort(context, error)
-
-    return handler
-
-
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except Exception as error:  # noqa: BLE001
-            if isinstance(error, grpc.aio.AbortError):
-                raise
-            await _abort(context, error)
-
-    return handler
+@contextlib.asynccontextmanager
+async def _mapped(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:  # noqa: BLE001 - this is the one place errors are mapped
+        await _abort(context, error)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps CloudachError (and anything unexpected) to gRPC status codes for every handler."""
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        serializers = dict(
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **serializers)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **serializers)
-        return handler
+        return wrap_handler(await continuation(handler_call_details), _mapped)
 
 
 __all__ = ["ErrorInterceptor", "error_from_call", "error_from_rpc", "error_from_status", "to_status"]

@@ -1,0 +1,37 @@
+"""Wrapping a gRPC method handler: the one way our server interceptors add behaviour to a call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+Around = Callable[[Any], contextlib.AbstractAsyncContextManager]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.RpcMethodHandler | None:
+    """The handler, with `async with around(context)` entered in the call's own task around its
+    behavior (for a server stream, around the whole stream)."""
+    if handler is None:
+        return None
+    serializers = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        behavior = handler.unary_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            async with around(context):
+                return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+    if handler.unary_stream:
+        stream_behavior = handler.unary_stream
+
+        async def stream(request: Any, context: Any):
+            async with around(context):
+                async for response in stream_behavior(request, context):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream, **serializers)
+    return handler
