@@ -117,6 +117,17 @@ def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
             "--trace-config", f"rate={rate}", "--trace-config", "level=TIMESTAMPS"]
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: on Linux, SIGKILL it when the process that started it dies
+    (a launcher killed with SIGKILL cannot stop it, and its own session keeps it from our signals)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def start_triton(
     log_path: pathlib.Path,
     model_repository: pathlib.Path = CPU_MODEL_REPOSITORY,
@@ -146,6 +157,7 @@ def start_triton(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     return TritonServer(process, http_port, grpc_port, metrics_port, log_path)
