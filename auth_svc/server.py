@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -19,8 +18,7 @@ from auth_svc.store import KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2, auth_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor
-from cloudach.telemetry import configure_tracing
-from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
+from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
 from cloudach.tokens import TokenSigner, TokenVerifier, load_or_create_private_key
 
 log = logging.getLogger(__name__)
@@ -84,14 +82,5 @@ async def running_auth(config: AuthConfig) -> AsyncIterator[RunningAuth]:
         await db.close()
 
 
-async def serve(config: AuthConfig) -> None:
-    async with running_auth(config) as running:
-        log.info("auth_svc listening on port %d (signing key %s)", running.grpc.port, running.signer.kid)
-        signal = await wait_for_termination_signal()
-        log.info("auth_svc stopping after %s", signal.name)
-
-
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    configure_tracing("auth_svc")
-    asyncio.run(serve(AuthConfig.from_env()))
+    run_service("auth_svc", lambda: running_auth(AuthConfig.from_env()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,8 +17,8 @@ from billing_svc.store import UsageStore
 from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
-from cloudach.telemetry import client_interceptors, configure_tracing
-from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
+from cloudach.telemetry import client_interceptors
+from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
 from cloudach.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -57,14 +56,5 @@ async def running_billing(config: BillingConfig, verifier: TokenVerifier | None 
             await server.stop(config.shutdown_grace_s)
 
 
-async def serve(config: BillingConfig) -> None:
-    async with running_billing(config) as running:
-        log.info("billing_svc listening on port %d", running.grpc.port)
-        signal = await wait_for_termination_signal()
-        log.info("billing_svc stopping after %s", signal.name)
-
-
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    configure_tracing("billing_svc")
-    asyncio.run(serve(BillingConfig.from_env()))
+    run_service("billing_svc", lambda: running_billing(BillingConfig.from_env()))

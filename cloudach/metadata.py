@@ -3,6 +3,3 @@
 #: Sent by inference_svc as initial metadata once a Generate request is validated, before any
 #: token: the prompt's size in tokens. A request refused fails without it.
 PROMPT_TOKENS = "x-prompt-tokens"
-
-#: W3C trace context headers, passed along every hop.
-TRACE_HEADERS = ("traceparent", "tracestate")

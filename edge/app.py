@@ -20,7 +20,7 @@ from cloudach.errors import CloudachError
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.telemetry import client_interceptors
 from edge import chat, models, openapi, usage
-from edge.metrics import metrics_endpoint
+from edge.metrics import EdgeMetrics, metrics_endpoint
 from edge.auth import Authenticator
 from edge.billing import ServiceToken, UsageOutbox, deliver_forever
 from edge.config import EdgeConfig
@@ -136,7 +136,9 @@ def create_app(config: EdgeConfig) -> web.Application:
         middlewares=[tracing_middleware, errors_middleware, auth_middleware],
         client_max_size=config.max_body_bytes,
     )
-    app[STATE] = EdgeState(config, Admission(config.max_concurrent_requests))
+    metrics = EdgeMetrics()
+    admission = Admission(config.max_concurrent_requests, metrics.rejections.labels("capacity").inc)
+    app[STATE] = EdgeState(config, admission, metrics)
     app.cleanup_ctx.append(channels)
     app.on_response_prepare.append(_common_headers)
     app.on_response_prepare.append(record_status)

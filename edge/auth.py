@@ -73,8 +73,6 @@ class Authenticator:
         self._timeout_s = timeout_s
         #: digest -> (expires at, principal or None for a refused key)
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key = bearer_key(authorization)
@@ -82,11 +80,9 @@ class Authenticator:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
-            self.hits += 1
             if self._counter is not None:
                 self._counter.labels("hit").inc()
             return self._answer(cached[1])
-        self.misses += 1
         if self._counter is not None:
             self._counter.labels("miss").inc()
         try:

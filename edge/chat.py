@@ -158,8 +158,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         raise refusal(decision, quota)
     tally = Tally()
     try:
-        if state.admission.active >= state.admission.limit:
-            state.metrics.rejections.labels("capacity").inc()
         with state.admission:
             # The channel's tracing interceptor passes this request's trace context on.
             call = state.inference.Generate(chat.generate, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)

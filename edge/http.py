@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -53,12 +54,14 @@ def request_id(request: web.Request) -> str:
 class Admission:
     """Counts requests in flight; beyond the limit new ones are refused at once (503)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_reject: Callable[[], None] = lambda: None) -> None:
         self.limit = limit
         self.active = 0
+        self._on_reject = on_reject
 
     def __enter__(self) -> Admission:
         if self.active >= self.limit:
+            self._on_reject()
             raise overloaded("The server is at capacity. Please retry shortly.")
         self.active += 1
         return self

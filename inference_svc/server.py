@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
-from cloudach.telemetry import client_interceptors, configure_tracing
-from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, wait_for_termination_signal
+from cloudach.telemetry import client_interceptors
+from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
 from cloudach.tokens import TokenVerifier
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
@@ -79,14 +79,5 @@ async def running_inference(
             await engine.close()
 
 
-async def serve(config: InferenceConfig) -> None:
-    async with running_inference(config) as running:
-        log.info("inference_svc listening on %s", config.listen_address.rsplit(":", 1)[0] + f":{running.grpc.port}")
-        signal = await wait_for_termination_signal()
-        log.info("inference_svc draining after %s", signal.name)
-
-
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    configure_tracing("inference_svc")
-    asyncio.run(serve(InferenceConfig.from_env()))
+    run_service("inference_svc", lambda: running_inference(InferenceConfig.from_env()))

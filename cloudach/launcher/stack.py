@@ -49,6 +49,14 @@ def start_service(module: str, env: dict[str, str], log_path: pathlib.Path) -> s
         )
 
 
+def start_grpc_service(module: str, address: str, env: dict[str, str], logs: pathlib.Path,
+                       services: list[subprocess.Popen]) -> None:
+    """Starts `python -m module`, adds it to services, and returns once it reports SERVING."""
+    services.append(start_service(module, env, logs / f"{module}.log"))
+    wait_serving(address, 60, services[-1])
+    print(f"  {module} ready: gRPC {address}", flush=True)
+
+
 def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -97,34 +105,28 @@ def run_stack(state_dir: pathlib.Path, inference_port: int, edge_port: int, auth
         triton.wait_ready(["tensorrt_llm"], timeout_s=120)
         print(f"  Triton ready: gRPC {triton.grpc_url}, metrics {triton.metrics_url}", flush=True)
         auth_address = f"127.0.0.1:{auth_port}"
-        services.append(start_service(
-            "auth_svc",
+        start_grpc_service(
+            "auth_svc", auth_address,
             {"CLOUDACH_AUTH_LISTEN": auth_address, "CLOUDACH_AUTH_DATABASE_URL": f"sqlite:///{data / 'auth.db'}",
              "CLOUDACH_AUTH_SIGNING_KEY_FILE": str(data / "auth-signing-key.pem"),
              # the dev key becomes an admin key, so `cloudach keys` works against the local stack
              "CLOUDACH_AUTH_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file.resolve())},
-            logs / "auth_svc.log",
-        ))
-        wait_serving(auth_address, 30, services[-1])
-        print(f"  auth_svc ready: gRPC {auth_address}", flush=True)
+            logs, services,
+        )
         billing_address = f"127.0.0.1:{billing_port}"
-        services.append(start_service(
-            "billing_svc",
+        start_grpc_service(
+            "billing_svc", billing_address,
             {"CLOUDACH_BILLING_LISTEN": billing_address, "CLOUDACH_AUTH_TARGET": auth_address,
              "CLOUDACH_BILLING_DATABASE_URL": f"sqlite:///{data / 'billing.db'}"},
-            logs / "billing_svc.log",
-        ))
-        wait_serving(billing_address, 30, services[-1])
-        print(f"  billing_svc ready: gRPC {billing_address}", flush=True)
+            logs, services,
+        )
         inference_address = f"127.0.0.1:{inference_port}"
-        services.append(start_service(
-            "inference_svc",
+        start_grpc_service(
+            "inference_svc", inference_address,
             {"CLOUDACH_TRITON_URLS": triton.grpc_url, "CLOUDACH_INFERENCE_LISTEN": inference_address,
              "CLOUDACH_AUTH_TARGET": auth_address},
-            logs / "inference_svc.log",
-        ))
-        wait_serving(inference_address, 60, services[-1])
-        print(f"  inference_svc ready: gRPC {inference_address}", flush=True)
+            logs, services,
+        )
         services.append(start_service(
             "edge",
             {"CLOUDACH_INFERENCE_TARGET": inference_address, "CLOUDACH_PORT": str(edge_port),

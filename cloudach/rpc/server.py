@@ -4,6 +4,7 @@ server reflection, and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -102,3 +103,19 @@ async def wait_for_termination_signal() -> signal.Signals:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def run_service(name: str, running: Callable[[], contextlib.AbstractAsyncContextManager]) -> None:
+    """A service's main(): logging, tracing, then serve until SIGTERM or SIGINT and drain."""
+    from cloudach.telemetry import configure_tracing
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_tracing(name)
+
+    async def serve() -> None:
+        async with running() as service:
+            log.info("%s listening on %s", name, service.address)
+            received = await wait_for_termination_signal()
+            log.info("%s stopping after %s", name, received.name)
+
+    asyncio.run(serve())
