@@ -13,11 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="run the local stack until Ctrl-C (what `make run` calls)")
     up.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path(".cloudach"))
-    up.add_argument(
-        "--inference-port", type=int, default=int(os.environ.get("CLOUDACH_INFERENCE_PORT", "50051"))
-    )
     up.add_argument("--port", type=int, default=int(os.environ.get("CLOUDACH_PORT", "8080")),
                     help="the HTTP API's port (default 8080, or CLOUDACH_PORT)")
+    for service, default in (("inference", 50051), ("auth", 50052), ("billing", 50053)):
+        variable = f"CLOUDACH_{service.upper()}_PORT"
+        up.add_argument(f"--{service}-port", type=int, default=int(os.environ.get(variable, default)),
+                        help=f"{service}_svc's gRPC port (default {default}, or {variable})")
     from cloudach import cli_keys, cli_usage
 
     cli_keys.add_parser(commands)
@@ -28,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("usage", "status"):
         return cli_usage.run(args)
     if args.command == "up":
-        from cloudach.launcher.stack import run_stack
+        from cloudach.launcher.stack import Ports, run_stack
 
-        return run_stack(args.state_dir, args.inference_port, args.port)
+        ports = Ports(edge=args.port, inference=args.inference_port, auth=args.auth_port, billing=args.billing_port)
+        return run_stack(args.state_dir, ports)
     return 2
 
 

@@ -9,16 +9,15 @@ import os
 import pathlib
 import sqlite3
 import sys
-import urllib.request
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudach.auth.v1 import auth_pb2
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
+from cloudach.launcher.probes import check, describe
 from cloudach.rpc.errors import error_from_rpc
 
 
@@ -76,42 +75,40 @@ async def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grpc_state(address: str) -> str:
+def _services(state_dir: pathlib.Path) -> list[dict]:
+    """What `cloudach up` wrote about its children; without it, the services at their configured addresses."""
     try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        return "up, ready" if reply.status == health_pb2.HealthCheckResponse.SERVING else "up, not ready"
-    except grpc.RpcError:
-        return "down"
+        return json.loads((state_dir / "stack.json").read_text())["services"]
+    except (OSError, ValueError, KeyError):
+        env = os.environ.get
+        edge = f"http://127.0.0.1:{env('CLOUDACH_PORT', '8080')}"
+        targets = [("auth_svc", env("CLOUDACH_AUTH_TARGET", "127.0.0.1:50052")),
+                   ("billing_svc", env("CLOUDACH_BILLING_TARGET", "127.0.0.1:50053")),
+                   ("inference_svc", env("CLOUDACH_INFERENCE_TARGET", "127.0.0.1:50051"))]
+        return [*({"name": n, "address": a, "probe": ["grpc", a]} for n, a in targets),
+                {"name": "edge", "address": f"{edge}/v1", "probe": ["http", f"{edge}/ready"]}]
 
 
-def _http_state(url: str) -> str:
+def _alive(pid: int | None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2):
-            return "up, ready"
-    except urllib.error.HTTPError:
-        return "up, not ready"
+        return pid is not None and os.kill(pid, 0) is None
     except OSError:
-        return "down"
+        return False
 
 
 def status(args: argparse.Namespace) -> int:
-    env = os.environ.get
-    port = env("CLOUDACH_PORT", "8080")
-    services = [
-        ("edge", f"http://127.0.0.1:{port}", _http_state(f"http://127.0.0.1:{port}/ready")),
-        ("auth_svc", env("CLOUDACH_AUTH_TARGET", "127.0.0.1:50052"), None),
-        ("inference_svc", env("CLOUDACH_INFERENCE_TARGET", "127.0.0.1:50051"), None),
-        ("billing_svc", env("CLOUDACH_BILLING_TARGET", "127.0.0.1:50053"), None),
-    ]
-    for name, address, state in services:
-        print(f"{name:14} {state or _grpc_state(address):14} {address}")
-    outbox = pathlib.Path(env("CLOUDACH_EDGE_OUTBOX_PATH", str(args.state_dir / "data" / "edge-outbox.db")))
+    print(f"{'service':14} {'state':14} {'pid':>8} {'restarts':>8}  address")
+    for service in _services(args.state_dir):
+        state = check(tuple(service["probe"]))
+        shown = "starting" if state is None and _alive(service.get("pid")) else describe(state)
+        print(f"{service['name']:14} {shown:14} {service.get('pid') or '-':>8} {service.get('restarts', '-'):>8}"
+              f"  {service['address']}")
+    outbox = pathlib.Path(os.environ.get("CLOUDACH_EDGE_OUTBOX_PATH", str(args.state_dir / "data" / "edge-outbox.db")))
     depth = "none yet"
     if outbox.exists():
         with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as conn:
-            depth = str(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-    print(f"{'usage outbox':14} {depth:14} {outbox}")
+            depth = f"{conn.execute('SELECT COUNT(*) FROM outbox').fetchone()[0]} queued"
+    print(f"{'usage outbox':14} {depth:14} {'':>8} {'':>8}  {outbox}")
     return 0
 
 

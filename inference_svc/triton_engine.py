@@ -83,6 +83,24 @@ def _rpc_error(error: grpc.aio.AioRpcError) -> CloudachError:
     return Unavailable(f"the inference backend is unavailable ({error.code().name})")
 
 
+def _channel_args() -> list[tuple[str, int | bool]]:
+    keepalive = triton.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        # A restarted Triton is found again within seconds, not after gRPC's default of up to 2 minutes.
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
+
+
+#: tritonclient's own channel defaults, plus a short reconnect backoff
+CHANNEL_ARGS = _channel_args()
+
+
 class TritonEngine:
     """Streams generations from one or more Triton servers (the least busy one per request)."""
 
@@ -90,7 +108,7 @@ class TritonEngine:
         if not urls:
             raise ValueError("at least one Triton URL is required")
         self._urls = list(urls)
-        self._clients = [triton.InferenceServerClient(url) for url in urls]
+        self._clients = [triton.InferenceServerClient(url, channel_args=CHANNEL_ARGS) for url in urls]
         self._in_flight = [0] * len(urls)
         self._token_timeout_s = token_timeout_s
 

@@ -14,12 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cloudach.launcher.ports import free_ports
+from cloudach.launcher.probes import http_ready
+from cloudach.launcher.process import log_tail, spawn, stop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "cpu"
@@ -73,39 +73,21 @@ class TritonServer:
         while time.monotonic() < deadline:
             if not self.is_running():
                 raise TritonStartError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
-            if all(self._http_ok(p) for p in paths):
+            if http_ready(*(f"http://127.0.0.1:{self.http_port}{p}" for p in paths)):
                 return
             time.sleep(0.1)
         raise TritonStartError(f"tritonserver not ready after {timeout_s}s:\n{self.log_tail()}")
 
-    def _http_ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=1) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout_s: float = 20) -> None:
-        """SIGTERM (Triton unloads its models and exits), then SIGKILL if it does not."""
-        if not self.is_running():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """SIGTERM (Triton unloads its models and exits), then SIGKILL to it and its model stubs."""
+        stop(self.process, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the server and its model stubs (they share its process group)."""
-        if self.is_running():
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop(self.process, timeout_s=0)
 
 
 def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
@@ -117,26 +99,17 @@ def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
             "--trace-config", f"rate={rate}", "--trace-config", "level=TIMESTAMPS"]
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux, SIGKILL it when the process that started it dies
-    (a launcher killed with SIGKILL cannot stop it, and its own session keeps it from our signals)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def start_triton(
     log_path: pathlib.Path,
     model_repository: pathlib.Path = CPU_MODEL_REPOSITORY,
     extra_args: Sequence[str] = (),
+    ports: Sequence[int] = (),
 ) -> TritonServer:
-    """Starts tritonserver on free loopback ports; call wait_ready() before using it."""
+    """Starts tritonserver on loopback, on ports (http, grpc, metrics) or free ones; call
+    wait_ready() before using it."""
     home = triton_home()
     _install_python_stub(home)
-    http_port, grpc_port, metrics_port = free_ports(3)
+    http_port, grpc_port, metrics_port = ports or free_ports(3)
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
     args = [
@@ -154,10 +127,7 @@ def start_triton(
         *trace_args(os.environ.get("CLOUDACH_TRITON_TRACE_URL", "")),
         *extra_args,
     ]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+    # Its own session keeps our terminal's Ctrl-C from it (the launcher stops it in order);
+    # SIGKILL when the launcher dies, as its stubs cannot drain without it anyway.
+    process = spawn(args, log_path, env, own_session=True, death_signal=signal.SIGKILL)
     return TritonServer(process, http_port, grpc_port, metrics_port, log_path)

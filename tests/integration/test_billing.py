@@ -22,7 +22,7 @@ from billing_svc.store import Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.launcher.ports import free_ports
-from cloudach.launcher.stack import wait_http_ok
+from cloudach.launcher.probes import wait_http_ok
 from edge.billing import UsageOutbox
 from inference_svc.server import running_inference
 from tests.conftest import (API_KEY, MODEL, SERVICE_KEY_FILE, billing_config, inference_config, run_cli,

@@ -19,7 +19,7 @@ from openai import APIStatusError, OpenAI
 from auth_svc.server import running_auth
 from auth_svc.store import Limits
 from cloudach.launcher.ports import free_ports
-from cloudach.launcher.stack import wait_http_ok
+from cloudach.launcher.probes import wait_http_ok
 from inference_svc.server import running_inference
 from tests.conftest import API_KEY, MODEL, auth_config, edge_over_fake, inference_config, running_edge
 from tests.fakes import FakeEngine

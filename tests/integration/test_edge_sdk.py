@@ -18,7 +18,7 @@ import pytest
 from openai import APIConnectionError, APIStatusError, AsyncOpenAI, OpenAI
 
 from cloudach.launcher.ports import free_ports
-from cloudach.launcher.stack import wait_serving
+from cloudach.launcher.probes import wait_serving
 from tests.conftest import API_KEY, MODEL, model_metrics, running_edge
 
 pytestmark = pytest.mark.triton

@@ -1,0 +1,64 @@
+"""Starting and stopping the launcher's child processes so that none outlives it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+from collections.abc import Sequence
+
+
+def _death_signal(sig: int):
+    def arm() -> None:
+        """Runs in the child before exec: on Linux the kernel sends it sig when the thread that
+        started it dies, so a launcher killed with SIGKILL leaves no child behind."""
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    return arm
+
+
+def spawn(args: Sequence[str], log_path: pathlib.Path, env: dict[str, str] | None = None,
+          own_session: bool = False, death_signal: int = signal.SIGTERM) -> subprocess.Popen:
+    """Starts args with its output appended to log_path and env added to ours. own_session: its
+    own process group (our terminal's Ctrl-C does not reach it; stop() signals the whole group)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=own_session,
+            preexec_fn=_death_signal(death_signal),
+        )
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
+    """SIGTERM (our services drain their requests; Triton unloads its models), then after
+    timeout_s (at once if 0) SIGKILL to the process, or to its whole group when it leads one
+    (Triton's model stubs are in it)."""
+    if process.poll() is None and timeout_s > 0:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def log_tail(path: pathlib.Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
