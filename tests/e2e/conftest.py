@@ -1,0 +1,146 @@
+"""The whole stack as real processes, started the way `make run` starts it (`cloudach up`), on free
+ports and a temporary state directory, for the streaming guide's examples to run against."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from cloudach.launcher.ports import free_ports
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+GUIDE = pathlib.Path(__file__).parent / "guide"
+NODE = pathlib.Path(__file__).parent / "node"
+MODEL = "smollm2-135m-instruct"
+STARTUP_TIMEOUT_S = 300
+
+
+@dataclass
+class Output:
+    """A child's stdout, read as it comes by a thread."""
+
+    process: subprocess.Popen
+    text: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        while piece := os.read(self.process.stdout.fileno(), 4096):
+            with self._lock:
+                self.text += piece.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout_s: float, start: int = 0) -> int:
+        """Waits until needle appears after offset start; returns the offset just past it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = self.text.find(needle, start)
+            if found >= 0:
+                return found + len(needle)
+            if self.process.poll() is not None:
+                time.sleep(0.2)  # let the pump drain what is left
+                if needle in self.text[start:]:
+                    return self.text.index(needle, start) + len(needle)
+                raise AssertionError(f"exited ({self.process.returncode}) before {needle!r}:\n{self.text[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {needle!r} after {timeout_s}s:\n{self.text[-3000:]}")
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    output: Output
+    state_dir: pathlib.Path
+    port: int
+    auth_port: int
+    billing_port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def dev_key(self) -> str:
+        return (self.state_dir / "dev-api-key").read_text().strip()
+
+    def services(self) -> dict[str, dict]:
+        state = json.loads((self.state_dir / "stack.json").read_text())
+        return {s["name"]: s for s in state["services"]}
+
+    def env(self, api_key: str | None = None) -> dict[str, str]:
+        """What a user of the guide sets: the base URL, the key, the model."""
+        return {**os.environ, "CLOUDACH_BASE_URL": self.base_url, "CLOUDACH_API_KEY": api_key or self.dev_key,
+                "CLOUDACH_MODEL": MODEL, "PYTHONUNBUFFERED": "1"}
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cloudach", *args], capture_output=True, text=True, timeout=60, cwd=self.state_dir.parent,
+            env={**os.environ, "CLOUDACH_AUTH_TARGET": f"127.0.0.1:{self.auth_port}",
+                 "CLOUDACH_BILLING_TARGET": f"127.0.0.1:{self.billing_port}"},
+        )
+
+    def create_key(self, org: str, *limits: str) -> str:
+        made = self.cli("keys", "create", "--org", org, *limits)
+        assert made.returncode == 0, made.stderr
+        return next(word for word in made.stdout.split() if word.startswith("ck-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not running; /proc says so
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    state_dir = tmp_path_factory.mktemp("e2e") / ".cloudach"
+    port, inference_port, auth_port, billing_port, *metrics = free_ports(7)
+    metrics_ports = {f"CLOUDACH_{name}_METRICS_PORT": str(p) for name, p in zip(("INFERENCE", "AUTH", "BILLING"), metrics)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cloudach", "up", "--state-dir", str(state_dir), "--port", str(port),
+         "--inference-port", str(inference_port), "--auth-port", str(auth_port), "--billing-port", str(billing_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **metrics_ports},
+    )
+    output = Output(process)
+    running = Stack(process, output, state_dir, port, auth_port, billing_port)
+    try:
+        output.wait_for("Cloudach is up.", STARTUP_TIMEOUT_S)
+        yield running
+    finally:
+        pids = [s["pid"] for s in running.services().values()] if (state_dir / "stack.json").exists() else []
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0, output.text[-3000:]
+    assert "stopped." in output.text
+    assert pids and not [pid for pid in pids if _alive(pid)], "the launcher left processes behind"
+    assert not (state_dir / "stack.json").exists()
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> pathlib.Path:
+    """The Node examples' one dependency, the openai npm package, as package-lock.json pins it."""
+    if not (NODE / "node_modules" / "openai").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE, check=True, timeout=300,
+                       capture_output=True)
+    return NODE / "node_modules"

@@ -1,0 +1,209 @@
+"""Every example of the streaming guide (shared/seed/streaming-guide.txt), adapted only in base
+URL, key and model, run against the stack as `make run` starts it: Python scripts with the
+official SDK, curl, a FastAPI proxy under uvicorn, and the Node examples with the openai npm
+package. The tests that break the stack on purpose (a killed Triton, a killed edge) come last."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from cloudach.launcher.ports import free_ports
+from tests.e2e.conftest import GUIDE, MODEL, NODE, Output, Stack
+
+#: At temperature 0 the CPU model answers this with all of max_tokens (2,000 tokens: about 35 s here).
+COUNTING = "Write the numbers from 1 to 500 separated by commas."
+
+
+def guide_script(stack: Stack, name: str, *args: str, api_key: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(GUIDE / name), *args], env=stack.env(api_key),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_guide(stack: Stack, name: str, *args: str, api_key: str | None = None) -> str:
+    """Runs an example to its end; returns what it printed, failing with its stderr if it failed."""
+    done = subprocess.run([sys.executable, str(GUIDE / name), *args], env=stack.env(api_key),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def billed(stack: Stack, org: str, requests: int, timeout_s: float = 30) -> dict:
+    """The organization's usage total once billing_svc holds `requests` requests (the edge delivers
+    usage in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        usage = stack.cli("usage", "--org", org, "--json")
+        assert usage.returncode == 0, usage.stderr
+        total = json.loads(usage.stdout)["total"]
+        if total["requests"] >= requests or time.monotonic() > deadline:
+            return total
+        time.sleep(0.5)
+
+
+def test_basic_streaming_prints_the_answer_and_bills_it(stack):
+    key = stack.create_key("guide-basic")
+    printed = run_guide(stack, "basic_streaming.py", api_key=key)
+    assert printed.endswith("\n") and len(printed.strip()) > 20, printed
+    total = billed(stack, "guide-basic", 1)
+    assert total["requests"] == 1
+    assert total["completion_tokens"] > 5 and total["prompt_tokens"] > 5
+
+
+def test_collecting_the_full_response_counts_what_was_streamed(stack):
+    printed = run_guide(stack, "collect_full_response.py")
+    streamed, _, summary = printed.rpartition("\n\nTotal characters: ")
+    assert streamed.strip(), printed
+    assert int(summary) == len(streamed)
+
+
+def test_async_client_streams_and_returns_the_text(stack):
+    printed = run_guide(stack, "async_streaming.py")
+    streamed, _, summary = printed.rstrip("\n").rpartition("\n")
+    assert streamed.strip()
+    assert summary == f"returned {len(streamed)} characters"
+
+
+def test_curl_gets_the_guides_sse_bytes(stack, tmp_path):
+    headers = tmp_path / "headers"
+    # The guide's command; -sS and -D only keep curl quiet and save the response's headers.
+    done = subprocess.run(
+        ["curl", "-sS", "-D", str(headers), f"{stack.base_url}/chat/completions",
+         "-H", f"Authorization: Bearer {stack.dev_key}",
+         "-H", "Content-Type: application/json",
+         "-d", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 5 slowly."}],
+                           "stream": True})],
+        capture_output=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    head = headers.read_text().lower()
+    assert head.startswith("http/1.1 200") and "content-type: text/event-stream" in head
+    body = done.stdout.decode()
+    assert body.endswith("\n\ndata: [DONE]\n\n")
+    events = body.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"].startswith("chatcmpl-")
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and {c["model"] for c in chunks} == {MODEL}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert "1" in text and "2" in text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_fastapi_proxy_route_streams_the_text_through(stack):
+    (port,) = free_ports(1)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "fastapi_proxy:app", "--app-dir", str(GUIDE), "--port", str(port)],
+        env=stack.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        Output(server).wait_for("Application startup complete", 60)
+        query = urllib.parse.urlencode({"prompt": "Write a poem about the ocean."})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/chat?{query}", timeout=120) as reply:
+            assert reply.status == 200
+            assert reply.headers["content-type"].startswith("text/plain")
+            pieces = list(iter(lambda: reply.read1(65536).decode(), ""))
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert len("".join(pieces).strip()) > 20
+    assert len(pieces) > 1, "the proxy buffered instead of streaming"
+
+
+def test_nextjs_route_and_react_hook_under_node(stack, node_modules):
+    server = subprocess.Popen(["node", str(NODE / "server.mjs")], env={**stack.env(), "PORT": "0"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output = Output(server)
+        start = output.wait_for("listening ", 30)
+        port = int(output.text[start:output.wait_for("\n", 5, start)])
+        done = subprocess.run(["node", str(NODE / "run-hook.mjs"), "Write a poem about the ocean."],
+                              env={**os.environ, "APP_ORIGIN": f"http://127.0.0.1:{port}"},
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert done.returncode == 0, done.stderr + output.text
+    states = json.loads(done.stdout)
+    assert states["loading"] == [True, False]
+    response = states["response"]
+    assert response[0] == "" and len(response[-1].strip()) > 20
+    assert all(later.startswith(earlier) for earlier, later in zip(response, response[1:]))
+    assert len(set(response)) > 2, "the hook saw the answer in one read: nothing streamed"
+
+
+def test_stream_with_retry_waits_out_a_real_429(stack):
+    key = stack.create_key("guide-429", "--max-concurrency", "1")
+    request = {"model": MODEL, "messages": [{"role": "user", "content": COUNTING}], "max_tokens": 2000,
+               "temperature": 0, "stream": True}
+    # A first stream holds the key's one concurrent slot until we close it.
+    with urllib.request.urlopen(urllib.request.Request(
+        f"{stack.base_url}/chat/completions", data=json.dumps(request).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    ), timeout=120) as blocker:
+        assert blocker.status == 200
+        assert blocker.readline().startswith(b"data: ")
+        script = guide_script(stack, "stream_with_retry.py", "Say hello.", api_key=key)
+        output = Output(script)
+        # The SDK retries a 429 twice by itself (honouring retry-after-ms); then the guide's code sees it.
+        output.wait_for("Retrying in 1.0s (attempt 1)...", 60)
+    assert script.wait(120) == 0, script.stderr.read().decode()
+    answer = output.text.split("Retrying in 1.0s (attempt 1)...\n", 1)[1]
+    assert answer.strip() and not answer.startswith("Retrying"), output.text
+
+
+def test_a_mid_stream_failure_reaches_the_caller_and_the_stack_recovers(stack):
+    script = guide_script(stack, "stream_with_retry.py", COUNTING)
+    output = Output(script)
+    output.wait_for("1", 120)  # tokens are arriving
+    triton = stack.services()["tritonserver"]
+    os.kill(triton["pid"], signal.SIGKILL)
+    assert script.wait(60) != 0
+    # The guide: a mid-stream failure surfaces as an exception during iteration (openai.APIError,
+    # which its retry loop does not catch); what was streamed before it was printed.
+    stderr = script.stderr.read().decode()
+    assert "openai.APIError" in stderr, stderr
+    assert output.text.strip()
+    # The launcher reports the death and restarts Triton; the stack answers again.
+    stack.output.wait_for("!! tritonserver exited with code -9", 30)
+    stack.output.wait_for("tritonserver ready again", 180)
+    assert stack.services()["tritonserver"]["restarts"] == 1
+    deadline = time.monotonic() + 60
+    while True:  # inference_svc reconnects to the restarted Triton on its own schedule
+        retry = subprocess.run([sys.executable, str(GUIDE / "stream_with_retry.py")], env=stack.env(),
+                               capture_output=True, text=True, timeout=180)
+        if retry.returncode == 0 or time.monotonic() > deadline:
+            break
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert retry.stdout.strip()
+
+
+def test_a_killed_edge_is_restarted_and_status_says_so(stack):
+    edge = stack.services()["edge"]
+    os.kill(edge["pid"], signal.SIGKILL)
+    stack.output.wait_for("!! edge exited with code -9", 30)
+    stack.output.wait_for("edge ready again", 60)
+    status = stack.cli("status", "--state-dir", str(stack.state_dir))
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:]}
+    assert set(rows) >= {"tritonserver", "auth_svc", "billing_svc", "inference_svc", "edge", "usage"}
+    assert rows["edge"][1:3] == ["up,", "ready"] and rows["edge"][4] == "1"  # restarts
+    assert rows["edge"][3] != str(edge["pid"])
+    assert rows["edge"][5] == stack.base_url
+    assert run_guide(stack, "basic_streaming.py").strip()
+
+
+@pytest.fixture(autouse=True)
+def _stack_alive(stack):
+    """A test that left the launcher dead would make every later failure confusing."""
+    yield
+    assert stack.process.poll() is None, stack.output.text[-3000:]
