@@ -95,7 +95,7 @@ def test_curl_gets_the_guides_sse_bytes(stack, tmp_path):
     assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"].startswith("chatcmpl-")
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and {c["model"] for c in chunks} == {MODEL}
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert "1" in text and "2" in text
+    assert text.strip()  # the guide samples at temperature 1: what it says varies
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
