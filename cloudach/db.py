@@ -8,9 +8,10 @@ blocks. Migrations are numbered SQL scripts per service, applied once, in order,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -96,36 +97,48 @@ class Database:
         return await self._call(work)
 
     async def migrate(self, service: str, migrations: Sequence[str]) -> int:
-        """Applies the service's migrations not applied yet (by position); returns how many ran."""
+        """Applies the service's migrations not applied yet (by position); returns how many ran.
+
+        Safe when several processes start at once on one database: each migration is checked and
+        applied under a lock (SQLite's write lock; one PostgreSQL advisory lock)."""
+
+        def applied_already(c: Any, version: int) -> bool:
+            query = self._sql("SELECT 1 FROM schema_migrations WHERE service = ? AND version = ?")
+            return c.execute(query, (service, version)).fetchone() is not None
+
+        def apply(c: Any, version: int, statements: list[str]) -> bool:
+            if applied_already(c, version):
+                return False
+            for statement in statements:
+                c.execute(statement)
+            c.execute(self._sql("INSERT INTO schema_migrations (service, version) VALUES (?, ?)"), (service, version))
+            return True
+
+        @contextlib.contextmanager
+        def locked(c: Any) -> Iterator[None]:
+            if self.dialect == "sqlite":
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    c.execute("COMMIT")
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+            else:
+                with c.transaction():
+                    c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("cloudach-migrate",))
+                    yield
 
         def work(c: Any) -> int:
-            c.execute(self._sql(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (service TEXT NOT NULL, version INTEGER NOT NULL, "
-                "PRIMARY KEY (service, version))"
-            ))
-            done = {row[0] for row in c.execute(self._sql("SELECT version FROM schema_migrations WHERE service = ?"), (service,)).fetchall()}
+            with locked(c):
+                c.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (service TEXT NOT NULL, version INTEGER NOT NULL, "
+                    "PRIMARY KEY (service, version))"
+                )
             applied = 0
             for version, script in enumerate(migrations, start=1):
-                if version in done:
-                    continue
-                statements = [s.strip() for s in script.split(";") if s.strip()]
-                statements.append(self._sql("INSERT INTO schema_migrations (service, version) VALUES (?, ?)"))
-                if self.dialect == "sqlite":
-                    c.execute("BEGIN IMMEDIATE")
-                    try:
-                        for s in statements[:-1]:
-                            c.execute(s)
-                        c.execute(statements[-1], (service, version))
-                        c.execute("COMMIT")
-                    except BaseException:
-                        c.execute("ROLLBACK")
-                        raise
-                else:
-                    with c.transaction():
-                        for s in statements[:-1]:
-                            c.execute(s)
-                        c.execute(statements[-1], (service, version))
-                applied += 1
+                with locked(c):
+                    applied += apply(c, version, [s.strip() for s in script.split(";") if s.strip()])
             return applied
 
         return await self._call(work)

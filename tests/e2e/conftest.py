@@ -108,7 +108,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
     state_dir = tmp_path_factory.mktemp("e2e") / ".cloudach"
     port, inference_port, auth_port, billing_port, *metrics = free_ports(7)

@@ -56,6 +56,19 @@ async def database(request, tmp_path):
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+async def test_replicas_starting_at_once_apply_each_migration_exactly_once(database):
+    """Several processes migrating one database together (edges sharing a host, auth replicas)."""
+    from auth_svc.store import MIGRATIONS
+
+    others = [Database(database._url) for _ in range(3)]
+    try:
+        counts = await asyncio.gather(*(db.migrate("auth", MIGRATIONS) for db in [database, *others]))
+    finally:
+        for db in others:
+            await db.close()
+    assert sorted(counts) == [0, 0, 0, len(MIGRATIONS)]
+
+
 async def test_store_keeps_only_hashes_and_finds_revokes_and_lists(database):
     store = KeyStore(database)
     await store.migrate()
