@@ -102,8 +102,11 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
         records = await outbox.pending(batch)
         if not records:
             wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # lands as its inner wait ends, and this loop then outlived the edge's shutdown.
             try:
-                await asyncio.wait_for(wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await wake.wait()
             except TimeoutError:
                 pass
             continue

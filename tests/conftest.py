@@ -198,22 +198,3 @@ def run_cli(*args: str, api_key: str = API_KEY) -> subprocess.CompletedProcess:
     start a second event loop, and grpc.aio serves one event loop per process.)"""
     return subprocess.run([sys.executable, "-m", "cloudach", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "CLOUDACH_API_KEY": api_key})
-
-
-@pytest.fixture(autouse=True)
-async def _loop_heartbeat():
-    """Keeps a timer due in each test's event loop.
-
-    The suite has hung, intermittently, in select() with nothing due, always in the edge's
-    keep-alive test, with grpc.aio's own task the only one left in the running loop. The cause
-    is not yet found (see the README's Tests section); while a timer is due the loop cannot
-    sleep indefinitely, and no run with one has hung."""
-    import asyncio
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(0.05)
-
-    task = asyncio.create_task(beat())
-    yield
-    task.cancel()
