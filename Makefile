@@ -5,13 +5,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test stubs install clean
+.PHONY: run test bench stubs install clean
 
 run: $(VENV)/.installed .stubs-stamp
 	$(PY) -m cloudach up
 
 test: $(VENV)/.installed .stubs-stamp
 	$(PY) -m pytest
+
+# Benchmarks (docs/benchmarks.md): starts its own stacks on free ports; results under bench/results/.
+bench: $(VENV)/.installed .stubs-stamp
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	$(PY) -m cloudach bench $(BENCH_ARGS)
 
 install: $(VENV)/.installed
 

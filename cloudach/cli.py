@@ -23,11 +23,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_keys.add_parser(commands)
     cli_usage.add_parsers(commands)
+    from bench import cli as bench_cli
+
+    bench_cli.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "keys":
         return cli_keys.run(args)
     if args.command in ("usage", "status"):
         return cli_usage.run(args)
+    if args.command == "bench":
+        return bench_cli.run(args)
     if args.command == "up":
         from cloudach.launcher.stack import Ports, run_stack
 

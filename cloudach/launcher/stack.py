@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cloudach.launcher.ports import free_ports
 from cloudach.launcher.process import spawn
 from cloudach.launcher.supervisor import Child, StartError, Supervisor
-from cloudach.launcher.triton import start_triton
+from cloudach.launcher.triton import CPU_MODEL_REPOSITORY, start_triton
 
 MODEL_NAME = "smollm2-135m-instruct"
 
@@ -46,7 +46,7 @@ def python_service(name: str, address: str, probe: tuple[str, ...], env: dict[st
     return Child(name, address, lambda: spawn([sys.executable, "-m", name], log, env), probe, log)
 
 
-def stack_children(state_dir: pathlib.Path, ports: Ports) -> list[Child]:
+def stack_children(state_dir: pathlib.Path, ports: Ports, model_repository: pathlib.Path = CPU_MODEL_REPOSITORY) -> list[Child]:
     logs = (state_dir / "logs").resolve()
     data = (state_dir / "data").resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,7 @@ def stack_children(state_dir: pathlib.Path, ports: Ports) -> list[Child]:
                     f"http://127.0.0.1:{triton_http}/v2/models/tensorrt_llm/ready")
     triton = Child(
         "tritonserver", f"127.0.0.1:{triton_grpc} (gRPC), http://127.0.0.1:{triton_metrics}/metrics",
-        lambda: start_triton(logs / "tritonserver.log", ports=(triton_http, triton_grpc, triton_metrics)).process,
+        lambda: start_triton(logs / "tritonserver.log", model_repository, ports=(triton_http, triton_grpc, triton_metrics)).process,
         triton_ready, logs / "tritonserver.log", start_timeout_s=180, stop_timeout_s=20,
     )
     auth, billing, inference = (f"127.0.0.1:{p}" for p in (ports.auth, ports.billing, ports.inference))

@@ -1,0 +1,218 @@
+"""Three ways to stream one generation, measured the same way: straight from Triton
+(tritonclient), through inference_svc (gRPC), and through the edge (HTTP/SSE, auth and billing on).
+
+Each driver returns a StreamResult: time to first token, the gaps between token events, tokens
+received, and the error's kind if it failed. The HTTP client is deliberately lean (raw aiohttp,
+byte checks per event, one JSON parse for the usage chunk) so that the client is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+import grpc
+
+MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class StreamResult:
+    ok: bool
+    ttft_s: float | None = None
+    #: seconds between consecutive token events, each spread over the tokens it carried
+    gaps_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+class Driver(Protocol):
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def stream(self, prompt: str, max_tokens: int) -> StreamResult: ...
+
+    async def close(self) -> None: ...
+
+
+class _Clock:
+    """Turns token-event arrival times into a StreamResult."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last: float | None = None
+        self.result = StreamResult(ok=False)
+
+    def tokens(self, count: int) -> None:
+        if not count:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.result.ttft_s = now - self.start
+        else:
+            gap = (now - self.last) / count
+            self.result.gaps_s.extend([gap] * count)
+        self.last = now
+        self.result.tokens += count
+
+
+class HttpDriver:
+    """POST /v1/chat/completions with stream=true, as any OpenAI client would."""
+
+    name = "edge"
+
+    def __init__(self, base_url: str, api_key: str, model: str = MODEL, stream: bool = True) -> None:
+        self.url = f"{base_url.rstrip('/')}/chat/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.model = model
+        self.streaming = stream
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=600))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def _body(self, prompt: str, max_tokens: int) -> bytes:
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": self.streaming}
+        if self.streaming:
+            body["stream_options"] = {"include_usage": True}
+        return json.dumps(body).encode()
+
+    async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
+        clock = _Clock()
+        try:
+            async with self.session.post(self.url, data=self._body(prompt, max_tokens), headers=self.headers) as reply:
+                if reply.status != 200:
+                    await reply.read()
+                    return StreamResult(ok=False, error=f"http {reply.status}")
+                if not self.streaming:
+                    usage = (await reply.json())["usage"]
+                    clock.tokens(usage["completion_tokens"])
+                    clock.result.ok = True
+                    return clock.result
+                content_events = 0
+                async for line in reply.content:
+                    if line.startswith(b'data: {"id"') and b'"content":"' in line and b'"content":""' not in line:
+                        content_events += 1
+                        clock.tokens(1)
+                    elif line.startswith(b"data: {") and b'"usage":{' in line:
+                        usage = json.loads(line[6:])["usage"]
+                        # the deltas may each carry more than one token: count what was billed
+                        clock.result.tokens = usage["completion_tokens"]
+                    elif line.startswith(b'data: {"error"'):
+                        return StreamResult(ok=False, error="error event")
+                    elif line.startswith(b"data: [DONE]"):
+                        clock.result.ok = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as failure:
+            return StreamResult(ok=False, error=type(failure).__name__)
+        return clock.result
+
+
+class InferenceDriver:
+    """inference_svc's Generate over gRPC, with an internal token from auth_svc."""
+
+    name = "inference_svc"
+
+    def __init__(self, address: str, auth_address: str, api_key: str, model: str = MODEL) -> None:
+        self.address, self.auth_address, self.api_key, self.model = address, auth_address, api_key, model
+        self.ids = itertools.count()
+
+    async def open(self) -> None:
+        from cloudach.auth.v1 import auth_pb2
+        from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+        from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+
+        async with grpc.aio.insecure_channel(self.auth_address) as auth:
+            token = (await AuthServiceStub(auth).Authenticate(auth_pb2.AuthenticateRequest(api_key=self.api_key))).token
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = InferenceServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
+        from cloudach.inference.v1 import inference_pb2 as pb
+
+        request = pb.GenerateRequest(
+            request_id=f"bench-{next(self.ids)}", model=self.model,
+            messages=[pb.ChatMessage(role=pb.ROLE_USER, content=prompt)],
+            sampling=pb.SamplingParameters(temperature=0), stopping=pb.StoppingCriteria(max_new_tokens=max_tokens),
+        )
+        clock = _Clock()
+        try:
+            async for event in self.stub.Generate(request, metadata=self.metadata):
+                if event.HasField("delta"):
+                    clock.tokens(event.delta.token_count)
+                else:
+                    clock.result.tokens = event.finished.usage.completion_tokens
+                    clock.result.ok = True
+        except grpc.aio.AioRpcError as failure:
+            return StreamResult(ok=False, error=failure.code().name)
+        return clock.result
+
+
+class TritonDriver:
+    """Triton's ModelStreamInfer straight from tritonclient, with inference_svc's own inputs."""
+
+    name = "triton"
+
+    def __init__(self, url: str, model: str = MODEL) -> None:
+        self.url, self.model = url, model
+        self.ids = itertools.count()
+
+    async def open(self) -> None:
+        import tritonclient.grpc.aio as triton
+
+        from inference_svc.config import InferenceConfig
+        from inference_svc.registry import load_registry
+        from inference_svc.templates import Message
+
+        self.spec = load_registry(InferenceConfig().models_file).get(self.model)
+        self.message = Message
+        self.client = triton.InferenceServerClient(self.url)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
+        from inference_svc.engine import EngineRequest
+        from inference_svc.triton_engine import build_inputs
+
+        request = EngineRequest(f"bench-{next(self.ids)}", self.spec.triton_model,
+                                self.spec.encode_chat([self.message("user", prompt)]), max_tokens,
+                                self.spec.end_id, self.spec.pad_id, (), 0.0, 1.0, 0, 0)
+        finished = asyncio.Event()
+
+        async def requests():
+            yield {"model_name": request.model, "inputs": build_inputs(request), "request_id": request.request_id}
+            await finished.wait()
+
+        clock = _Clock()
+        responses = self.client.stream_infer(inputs_iterator=requests())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    return StreamResult(ok=False, error="triton error")
+                ids = result.as_numpy("output_ids")
+                clock.tokens(0 if ids is None else ids.size)
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    clock.result.ok = True
+                    break
+        except grpc.aio.AioRpcError as failure:
+            return StreamResult(ok=False, error=failure.code().name)
+        finally:
+            finished.set()
+            responses.cancel()
+        return clock.result

@@ -1,0 +1,77 @@
+"""The benchmark scenarios. Each returns rows (report.summarize) measured side by side in one run."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from bench.drivers import Driver, HttpDriver, InferenceDriver, TritonDriver
+from bench.load import run_load
+from bench.report import summarize
+from bench.stack import CPU, SYNTHETIC, BenchStack, bench_stack
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+STACK = ("tritonserver", "inference_svc", "edge", "auth_svc", "billing_svc")
+
+
+@dataclass
+class Options:
+    duration_s: float = 10.0
+    max_tokens: int = 128
+    #: per-stream rate of the synthetic model in the overhead scenario (a GPU streams ~50-100 tok/s per request)
+    tokens_per_s: float = 100.0
+    relay_concurrency: tuple[int, ...] = (100, 500, 1000, 2000)
+    real_concurrency: tuple[int, ...] = (1, 4, 16)
+
+
+async def _measure(driver: Driver, label: str, concurrency: int, options: Options, pids: dict[str, int],
+                   max_tokens: int | None = None, ramp_s: float = 0.0) -> dict:
+    await driver.open()
+    try:
+        run = await run_load(driver, f"{label} @{concurrency}", concurrency, options.duration_s, PROMPT,
+                             max_tokens or options.max_tokens, pids, ramp_s=ramp_s)
+    finally:
+        await driver.close()
+    return summarize(run)
+
+
+def _drivers(stack: BenchStack) -> list[Driver]:
+    return [TritonDriver(stack.triton_grpc),
+            InferenceDriver(f"127.0.0.1:{stack.ports.inference}", f"127.0.0.1:{stack.ports.auth}", stack.api_key),
+            HttpDriver(stack.base_url, stack.api_key)]
+
+
+def overhead(options: Options) -> list[dict]:
+    """The synthetic model at a GPU-like pace, reached three ways, one stream at a time."""
+    with bench_stack(SYNTHETIC, options.tokens_per_s) as stack:
+        return [asyncio.run(_measure(d, d.name, 1, options, stack.pids)) for d in _drivers(stack)]
+
+
+def relay(options: Options) -> list[dict]:
+    """The synthetic model as fast as it goes: first what Triton alone delivers (its cap), then what
+    one edge relays at rising concurrency, and non-streaming requests through the edge."""
+    with bench_stack(SYNTHETIC, 0) as stack:
+        rows = [asyncio.run(_measure(TritonDriver(stack.triton_grpc), "triton (cap)", 64, options, stack.pids))]
+        for concurrency in options.relay_concurrency:
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), "edge", concurrency,
+                                             options, stack.pids, ramp_s=min(5.0, concurrency / 200))))
+        rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key, stream=False),
+                                         "edge non-streaming", 32, options, stack.pids, max_tokens=1)))
+        return rows
+
+
+def real_model(options: Options, with_llama_server: bool = True) -> list[dict]:
+    """The CPU SmolLM2 stack, and llama-cpp-python's own server on the same GGUF when given."""
+    rows = []
+    with bench_stack(CPU) as stack:
+        for concurrency in options.real_concurrency:
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), "cloudach (CPU)",
+                                             concurrency, options, stack.pids)))
+    if with_llama_server:
+        from bench.llama_server import llama_server
+
+        with llama_server() as (url, pid):
+            for concurrency in options.real_concurrency:
+                rows.append(asyncio.run(_measure(HttpDriver(url, "none", model="smollm2"), "llama_cpp.server",
+                                                 concurrency, options, {"llama_cpp.server": pid})))
+    return rows
