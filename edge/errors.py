@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
 from cloudach import errors as domain
+
+log = logging.getLogger("edge.errors")
 
 
 class ApiError(Exception):
@@ -87,4 +90,6 @@ def from_domain(error: domain.CloudachError, max_tokens_name: str = "max_tokens"
                         headers={"Retry-After": "1", "retry-after-ms": "1000"})
     if isinstance(error, domain.DeadlineExceeded):
         return ApiError(504, "The request did not complete within its deadline.", type="server_error", code="timeout")
+    # The caller sees a generic message; the operator needs the cause.
+    log.warning("internal error answered with 500: %s: %s", type(error).__name__, error.message)
     return ApiError(500, "The server had an error while processing your request.", type="server_error")

@@ -15,7 +15,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from cloudach.errors import BY_STATUS, CloudachError, Internal
+from cloudach.errors import BY_STATUS, CloudachError, Internal, Unavailable
 from cloudach.rpc.wrap import wrap_handler
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ def error_from_status(status_code: grpc.StatusCode, details: str | None, trailin
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 code = info.reason or None
+    if status_code == grpc.StatusCode.CANCELLED:
+        # Seen by a client, CANCELLED means the server side gave the call up (an overloaded gRPC
+        # server cancels calls it could not take up in time): retryable, not an internal error.
+        return Unavailable(details or "the upstream service cancelled the call")
     cls = BY_STATUS.get(status_code, Internal)
     return cls(details or status_code.name, param=param, code=code)
 
