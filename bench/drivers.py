@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,6 +20,9 @@ import aiohttp
 import grpc
 
 MODEL = "smollm2-135m-instruct"
+# a chunk with text (servers differ in JSON spacing); the usage chunk, where sent, gives the count
+CONTENT = re.compile(rb'"content": ?"')
+EMPTY_CONTENT = re.compile(rb'"content": ?""')
 
 
 @dataclass
@@ -93,26 +97,31 @@ class HttpDriver:
         try:
             async with self.session.post(self.url, data=self._body(prompt, max_tokens), headers=self.headers) as reply:
                 if reply.status != 200:
-                    await reply.read()
-                    return StreamResult(ok=False, error=f"http {reply.status}")
+                    body = await reply.read()
+                    try:
+                        code = json.loads(body)["error"]["code"]
+                    except (ValueError, KeyError, TypeError):
+                        code = "no envelope"
+                    return StreamResult(ok=False, error=f"http {reply.status} {code}")
                 if not self.streaming:
                     usage = (await reply.json())["usage"]
                     clock.tokens(usage["completion_tokens"])
                     clock.result.ok = True
                     return clock.result
-                content_events = 0
+                billed = None
                 async for line in reply.content:
-                    if line.startswith(b'data: {"id"') and b'"content":"' in line and b'"content":""' not in line:
-                        content_events += 1
+                    if not line.startswith(b"data: "):
+                        continue
+                    if CONTENT.search(line) and not EMPTY_CONTENT.search(line):
                         clock.tokens(1)
-                    elif line.startswith(b"data: {") and b'"usage":{' in line:
-                        usage = json.loads(line[6:])["usage"]
-                        # the deltas may each carry more than one token: count what was billed
-                        clock.result.tokens = usage["completion_tokens"]
+                    elif b'"usage":{' in line or b'"usage": {' in line:
+                        billed = json.loads(line[6:])["usage"]["completion_tokens"]
                     elif line.startswith(b'data: {"error"'):
                         return StreamResult(ok=False, error="error event")
                     elif line.startswith(b"data: [DONE]"):
                         clock.result.ok = True
+                if billed is not None:  # a delta may carry several tokens: count what was billed
+                    clock.result.tokens = billed
         except (aiohttp.ClientError, asyncio.TimeoutError) as failure:
             return StreamResult(ok=False, error=type(failure).__name__)
         return clock.result

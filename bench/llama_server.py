@@ -33,7 +33,9 @@ def llama_server() -> Iterator[tuple[str, int]]:
     log = pathlib.Path(tempfile.mkdtemp(prefix="llama-server-")) / "llama_cpp.server.log"
     process = spawn([sys.executable, "-m", "llama_cpp.server", "--model", _gguf(), "--model_alias", "smollm2",
                      "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", threads,
-                     "--n_threads_batch", threads], log)
+                     "--n_threads_batch", threads,
+                     # queue concurrent requests, as our stack does, instead of interrupting the running one
+                     "--interrupt_requests", "False"], log)
     try:
         wait_ready(lambda: http_ready(f"http://127.0.0.1:{port}/v1/models"), "llama_cpp.server", 120, process)
         yield f"http://127.0.0.1:{port}/v1", process.pid

@@ -15,7 +15,7 @@ def parse(path: pathlib.Path) -> model_config_pb2.ModelConfig:
 
 
 def test_both_repositories_are_there():
-    assert {p.relative_to(TRITON).parts[0] for p in CONFIGS} >= {"cpu", "trtllm"}
+    assert {p.relative_to(TRITON).parts[0] for p in CONFIGS} >= {"cpu", "trtllm", "bench"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(TRITON)))
@@ -27,9 +27,10 @@ def test_every_config_parses_as_a_decoupled_batching_model(path):
         assert config.max_batch_size > 0
 
 
-def test_the_cpu_stand_in_has_exactly_the_production_models_inputs_and_outputs():
+@pytest.mark.parametrize("repository", ["cpu", "bench"])
+def test_the_stand_ins_have_exactly_the_production_models_inputs_and_outputs(repository):
     production = parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt")
-    stand_in = parse(TRITON / "cpu" / "tensorrt_llm" / "config.pbtxt")
+    stand_in = parse(TRITON / repository / "tensorrt_llm" / "config.pbtxt")
     assert list(stand_in.input) == list(production.input)
     assert list(stand_in.output) == list(production.output)
     assert stand_in.max_batch_size == production.max_batch_size
