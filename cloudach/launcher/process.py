@@ -29,11 +29,23 @@ def spawn(args: Sequence[str], log_path: pathlib.Path, env: dict[str, str] | Non
     own process group (our terminal's Ctrl-C does not reach it; stop() signals the whole group)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})}, start_new_session=own_session,
             preexec_fn=_death_signal(death_signal),
         )
+    process.leads_group = own_session  # its group outlives it if it dies first: see reap_group()
+    return process
+
+
+def reap_group(process: subprocess.Popen) -> None:
+    """SIGKILL what is left of the process group a dead (or dying) group leader started: Triton's
+    Python-backend stubs outlive a tritonserver that crashed, spinning on their own."""
+    if getattr(process, "leads_group", False):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
@@ -44,16 +56,11 @@ def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout_s)
-            return
         except subprocess.TimeoutExpired:
             pass
-    try:
-        if os.getpgid(process.pid) == process.pid:
-            os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
-    except ProcessLookupError:
-        pass
+    if process.poll() is None:
+        process.kill()
+    reap_group(process)
     process.wait()
 
 

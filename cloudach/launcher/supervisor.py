@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cloudach.launcher.probes import ProbeSpec, check, wait_ready
-from cloudach.launcher.process import log_tail, stop
+from cloudach.launcher.process import log_tail, reap_group, stop
 
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
@@ -92,6 +92,7 @@ class Supervisor:
             return
         code = child.process.poll()
         if code is not None:
+            reap_group(child.process)
             child.ready = False
             if now - child.started_at >= STABLE_AFTER_S:
                 child.backoff_s = FIRST_BACKOFF_S

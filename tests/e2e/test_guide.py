@@ -177,6 +177,8 @@ def test_a_mid_stream_failure_reaches_the_caller_and_the_stack_recovers(stack):
     stack.output.wait_for("!! tritonserver exited with code -9", 30)
     stack.output.wait_for("tritonserver ready again", 180)
     assert stack.services()["tritonserver"]["restarts"] == 1
+    with pytest.raises(ProcessLookupError):  # nothing of the dead Triton is left (its model stub)
+        os.killpg(triton["pid"], 0)
     deadline = time.monotonic() + 60
     while True:  # inference_svc reconnects to the restarted Triton on its own schedule
         retry = subprocess.run([sys.executable, str(GUIDE / "stream_with_retry.py")], env=stack.env(),
