@@ -40,10 +40,11 @@ class Database:
             path = self._url.removeprefix("sqlite:///")
             if path != ":memory:":
                 pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # timeout= is the busy handler from the first statement on: switching to WAL needs a
+            # lock too, and another process may be holding one (replicas starting together).
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
         else:
             import psycopg
 
