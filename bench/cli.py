@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import time
-
-from bench import report, scenarios
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -25,6 +24,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench import report, scenarios  # numpy, aiohttp, grpc: only when benchmarking
+
     options = scenarios.Options(
         duration_s=args.duration, max_tokens=args.max_tokens, tokens_per_s=args.rate,
         relay_concurrency=tuple(int(c) for c in args.relay_concurrency.split(",")),
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     )
     chosen = ("overhead", "relay", "real") if args.scenario == "all" else (args.scenario,)
     args.out.mkdir(parents=True, exist_ok=True)
-    document = {"machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+    document = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "platform": platform.platform()},
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "options": vars(options), "scenarios": {}}
     markdown = []
