@@ -18,6 +18,7 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.launcher.probes import check, describe
+from cloudach.launcher.process import alive
 from cloudach.rpc.errors import error_from_rpc
 
 
@@ -89,18 +90,11 @@ def _services(state_dir: pathlib.Path) -> list[dict]:
                 {"name": "edge", "address": f"{edge}/v1", "probe": ["http", f"{edge}/ready"]}]
 
 
-def _alive(pid: int | None) -> bool:
-    try:
-        return pid is not None and os.kill(pid, 0) is None
-    except OSError:
-        return False
-
-
 def status(args: argparse.Namespace) -> int:
     print(f"{'service':14} {'state':14} {'pid':>8} {'restarts':>8}  address")
     for service in _services(args.state_dir):
         state = check(tuple(service["probe"]))
-        shown = "starting" if state is None and _alive(service.get("pid")) else describe(state)
+        shown = "starting" if state is None and alive(service.get("pid")) else describe(state)
         print(f"{service['name']:14} {shown:14} {service.get('pid') or '-':>8} {service.get('restarts', '-'):>8}"
               f"  {service['address']}")
     outbox = pathlib.Path(os.environ.get("CLOUDACH_EDGE_OUTBOX_PATH", str(args.state_dir / "data" / "edge-outbox.db")))

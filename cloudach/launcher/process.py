@@ -64,6 +64,17 @@ def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
     process.wait()
 
 
+def alive(pid: int | None) -> bool:
+    """Whether pid is a running process (a zombie, dead but not yet reaped, is not)."""
+    if pid is None:
+        return False
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def log_tail(path: pathlib.Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -13,12 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cloudach.launcher.ports import free_ports
-from cloudach.launcher.probes import http_ready
+from cloudach.launcher.probes import http_ready, wait_ready
 from cloudach.launcher.process import log_tail, spawn, stop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -68,15 +67,12 @@ class TritonServer:
 
     def wait_ready(self, models: Sequence[str], timeout_s: float) -> None:
         """Blocks until the server and every model answer ready, or raises with the log's tail."""
-        deadline = time.monotonic() + timeout_s
-        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
-        while time.monotonic() < deadline:
-            if not self.is_running():
-                raise TritonStartError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
-            if http_ready(*(f"http://127.0.0.1:{self.http_port}{p}" for p in paths)):
-                return
-            time.sleep(0.1)
-        raise TritonStartError(f"tritonserver not ready after {timeout_s}s:\n{self.log_tail()}")
+        urls = [f"http://127.0.0.1:{self.http_port}{path}"
+                for path in ("/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models))]
+        try:
+            wait_ready(lambda: http_ready(*urls), "tritonserver", timeout_s, self.process)
+        except (RuntimeError, TimeoutError) as failure:
+            raise TritonStartError(f"{failure}:\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)

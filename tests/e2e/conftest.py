@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cloudach.launcher.ports import free_ports
+from cloudach.launcher.process import alive
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GUIDE = pathlib.Path(__file__).parent / "guide"
@@ -96,18 +97,6 @@ class Stack:
         return next(word for word in made.stdout.split() if word.startswith("ck-"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not running; /proc says so
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
     state_dir = tmp_path_factory.mktemp("e2e") / ".cloudach"
@@ -133,7 +122,7 @@ def stack(tmp_path_factory) -> Stack:
             raise
     assert process.returncode == 0, output.text[-3000:]
     assert "stopped." in output.text
-    assert pids and not [pid for pid in pids if _alive(pid)], "the launcher left processes behind"
+    assert pids and not [pid for pid in pids if alive(pid)], "the launcher left processes behind"
     assert not (state_dir / "stack.json").exists()
 
 
