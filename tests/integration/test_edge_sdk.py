@@ -15,7 +15,7 @@ import time
 
 import openai
 import pytest
-from openai import APIConnectionError, APIStatusError, AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 from cloudach.launcher.ports import free_ports
 from cloudach.launcher.probes import wait_serving
@@ -107,35 +107,6 @@ async def test_async_openai_as_in_the_guide(edge_url):
     texts = await asyncio.gather(stream_response("Name a color."), stream_response("Name a fruit."))
     assert all(t.strip() for t in texts)
     await async_client.close()
-
-
-def stream_with_retry(cl: OpenAI, messages, model=MODEL, max_retries=3, log=None):
-    """The guide's stream_with_retry, verbatim but for the client and model."""
-    RETRYABLE = {429, 500, 502, 503}
-    for attempt in range(max_retries):
-        try:
-            stream = cl.chat.completions.create(model=model, messages=messages, stream=True, max_tokens=10)
-            collected = []
-            for chunk in stream:
-                delta = chunk.choices[0].delta.content or ""
-                collected.append(delta)
-            return "".join(collected)
-        except APIStatusError as e:
-            if e.status_code not in RETRYABLE or attempt == max_retries - 1:
-                raise
-            retry_after = e.response.headers.get("Retry-After")
-            wait = float(retry_after) if retry_after else 2**attempt
-            if log is not None:
-                log.append((e.status_code, wait))
-            time.sleep(wait)
-        except APIConnectionError:
-            if attempt == max_retries - 1:
-                raise
-
-
-async def test_stream_with_retry_succeeds(edge_url):
-    text = await asyncio.to_thread(stream_with_retry, client(edge_url), [{"role": "user", "content": "Hello!"}])
-    assert text
 
 
 async def test_sdk_errors_are_the_right_exceptions(edge_url):
