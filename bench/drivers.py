@@ -1,5 +1,5 @@
 """Three ways to stream one generation, measured the same way: straight from Triton
-(tritonclient), through inference_svc (gRPC), and through the edge (HTTP/SSE, auth and billing on).
+(tritonclient, through inference_svc's Triton adapter only), through inference_svc (gRPC), and through the edge (HTTP/SSE, auth and billing on).
 
 Each driver returns a StreamResult: time to first token, the gaps between token events, tokens
 received, and the error's kind if it failed. The HTTP client is deliberately lean (raw aiohttp,
@@ -141,10 +141,11 @@ class InferenceDriver:
         from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
         from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 
+        from cloudach.rpc.auth import bearer_interceptors
+
         async with grpc.aio.insecure_channel(self.auth_address) as auth:
             token = (await AuthServiceStub(auth).Authenticate(auth_pb2.AuthenticateRequest(api_key=self.api_key))).token
-        self.metadata = (("authorization", f"Bearer {token}"),)
-        self.channel = grpc.aio.insecure_channel(self.address)
+        self.channel = grpc.aio.insecure_channel(self.address, interceptors=bearer_interceptors(token))
         self.stub = InferenceServiceStub(self.channel)
 
     async def close(self) -> None:
@@ -160,7 +161,7 @@ class InferenceDriver:
         )
         clock = _Clock()
         try:
-            async for event in self.stub.Generate(request, metadata=self.metadata):
+            async for event in self.stub.Generate(request):
                 if event.HasField("delta"):
                     clock.tokens(event.delta.token_count)
                 else:
@@ -172,7 +173,8 @@ class InferenceDriver:
 
 
 class TritonDriver:
-    """Triton's ModelStreamInfer straight from tritonclient, with inference_svc's own inputs."""
+    """Triton's ModelStreamInfer through inference_svc's Triton adapter alone (tritonclient and
+    TritonEngine, the one file that knows Triton): the model's side of the platform, nothing above."""
 
     name = "triton"
 
@@ -181,47 +183,30 @@ class TritonDriver:
         self.ids = itertools.count()
 
     async def open(self) -> None:
-        import tritonclient.grpc.aio as triton
-
         from inference_svc.config import InferenceConfig
         from inference_svc.registry import load_registry
         from inference_svc.templates import Message
+        from inference_svc.triton_engine import TritonEngine
 
         self.spec = load_registry(InferenceConfig().models_file).get(self.model)
         self.message = Message
-        self.client = triton.InferenceServerClient(self.url)
+        self.engine = TritonEngine([self.url], token_timeout_s=60)
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.engine.close()
 
     async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
+        from cloudach.errors import CloudachError
         from inference_svc.engine import EngineRequest
-        from inference_svc.triton_engine import build_inputs
 
         request = EngineRequest(f"bench-{next(self.ids)}", self.spec.triton_model,
                                 self.spec.encode_chat([self.message("user", prompt)]), max_tokens,
                                 self.spec.end_id, self.spec.pad_id, (), 0.0, 1.0, 0, 0)
-        finished = asyncio.Event()
-
-        async def requests():
-            yield {"model_name": request.model, "inputs": build_inputs(request), "request_id": request.request_id}
-            await finished.wait()
-
         clock = _Clock()
-        responses = self.client.stream_infer(inputs_iterator=requests())
         try:
-            async for result, error in responses:
-                if error is not None:
-                    return StreamResult(ok=False, error="triton error")
-                ids = result.as_numpy("output_ids")
-                clock.tokens(0 if ids is None else ids.size)
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    clock.result.ok = True
-                    break
-        except grpc.aio.AioRpcError as failure:
-            return StreamResult(ok=False, error=failure.code().name)
-        finally:
-            finished.set()
-            responses.cancel()
+            async for ids in self.engine.generate(request):
+                clock.tokens(len(ids))
+        except CloudachError as failure:
+            return StreamResult(ok=False, error=type(failure).__name__)
+        clock.result.ok = True
         return clock.result

@@ -20,9 +20,12 @@ CPU_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "triton" /
 
 
 def _gguf() -> str:
-    text = CPU_CONFIG.read_text()
-    spec = text.split('key: "gguf_path"')[1].split('string_value: "')[1].split('"')[0]
-    return resolve_path(spec)
+    """The GGUF the CPU model's Triton configuration names."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(CPU_CONFIG.read_text(), model_config_pb2.ModelConfig())
+    return resolve_path(config.parameters["gguf_path"].string_value)
 
 
 @contextlib.contextmanager
