@@ -10,12 +10,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import random
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 Row = tuple[Any, ...]
+#: how long a statement waits for another connection's lock (replicas sharing one file)
+BUSY_TIMEOUT_S = 5.0
+
+
+def _switch_to_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """PRAGMA journal_mode=WAL, retried while another connection holds a lock.
+
+    SQLite answers BUSY to a journal-mode change at once, without calling the busy handler, while
+    another connection holds a write lock (replicas starting together on one file): the
+    connection's timeout does not cover it, so it is retried here, with jittered backoff."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(pause * 2, 0.1)
 
 
 class Database:
@@ -40,10 +63,8 @@ class Database:
             path = self._url.removeprefix("sqlite:///")
             if path != ":memory:":
                 pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-            # timeout= is the busy handler from the first statement on: switching to WAL needs a
-            # lock too, and another process may be holding one (replicas starting together).
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
+            _switch_to_wal(conn, BUSY_TIMEOUT_S)
             conn.execute("PRAGMA synchronous=FULL")
         else:
             import psycopg
