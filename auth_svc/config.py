@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cloudach import defaults as d
 from cloudach.config import from_env, setting
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    listen_address: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_LISTEN")
+    listen_address: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_LISTEN")
     #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
-    metrics_port: int = setting(9102, "CLOUDACH_AUTH_METRICS_PORT")
+    metrics_port: int = setting(d.AUTH_METRICS_PORT, "CLOUDACH_AUTH_METRICS_PORT")
     #: sqlite:///path (the default, a file in the data directory) or postgresql://...
-    database_url: str = setting("sqlite:///.cloudach/data/auth.db", "CLOUDACH_AUTH_DATABASE_URL")
+    database_url: str = setting(f"sqlite:///{d.DATA_DIR}/{d.AUTH_DATABASE}", "CLOUDACH_AUTH_DATABASE_URL")
     #: Ed25519 private key (PEM) signing internal tokens; made, mode 600, when missing
-    signing_key_file: str = setting(".cloudach/data/auth-signing-key.pem", "CLOUDACH_AUTH_SIGNING_KEY_FILE")
+    signing_key_file: str = setting(f"{d.DATA_DIR}/{d.AUTH_SIGNING_KEY}", "CLOUDACH_AUTH_SIGNING_KEY_FILE")
     #: public keys (PEM files, comma-separated) still published after a rotation
     previous_public_key_files: tuple[str, ...] = setting((), "CLOUDACH_AUTH_PREVIOUS_PUBLIC_KEYS")
     #: lifetime of an internal token

@@ -11,9 +11,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.probes import http_ready, wait_ready
-from cloudach.launcher.process import spawn, stop
+from tools.launcher.ports import free_ports
+from tools.launcher.probes import http_ready, wait_ready
+from tools.launcher.process import spawn, stop
 from cloudach.paths import resolve_path
 
 CPU_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "triton" / "cpu" / "tensorrt_llm" / "config.pbtxt"

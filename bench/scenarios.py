@@ -37,7 +37,7 @@ async def _measure(driver: Driver, label: str, concurrency: int, options: Option
 
 def _drivers(stack: BenchStack) -> list[Driver]:
     return [TritonDriver(stack.triton_grpc),
-            InferenceDriver(f"127.0.0.1:{stack.ports.inference}", f"127.0.0.1:{stack.ports.auth}", stack.api_key),
+            InferenceDriver(f"127.0.0.1:{stack.settings.inference_port}", f"127.0.0.1:{stack.settings.auth_port}", stack.api_key),
             HttpDriver(stack.base_url, stack.api_key)]
 
 

@@ -4,15 +4,15 @@ chosen model repository (the synthetic one, or the CPU model)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.stack import Ports, stack_children
-from cloudach.launcher.supervisor import Supervisor
+from tools.launcher.ports import free_ports
+from tools.launcher.stack import stack_children
+from tools.launcher.supervisor import Supervisor
+from tools.settings import StackSettings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SYNTHETIC = REPO / "deploy" / "triton" / "bench"
@@ -24,32 +24,31 @@ LOAD_SETTINGS = {"CLOUDACH_EDGE_MAX_REQUESTS": "8192", "CLOUDACH_INFERENCE_MAX_S
 
 @dataclass
 class BenchStack:
-    ports: Ports
+    settings: StackSettings
     triton_grpc: str
     api_key: str
     pids: dict[str, int]
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.edge}/v1"
+        return f"http://127.0.0.1:{self.settings.port}/v1"
 
 
 @contextlib.contextmanager
 def bench_stack(model_repository: pathlib.Path, tokens_per_s: float = 0.0) -> Iterator[BenchStack]:
     state = pathlib.Path(tempfile.mkdtemp(prefix="cloudach-bench-")) / ".cloudach"
     edge, inference, auth, billing, *metrics = free_ports(7)
-    saved = dict(os.environ)
-    os.environ.update({**LOAD_SETTINGS, "CLOUDACH_BENCH_TOKENS_PER_S": str(tokens_per_s),
-                       **{f"CLOUDACH_{n}_METRICS_PORT": str(p) for n, p in zip(("INFERENCE", "AUTH", "BILLING"), metrics)}})
-    ports = Ports(edge=edge, inference=inference, auth=auth, billing=billing)
-    supervisor = Supervisor(stack_children(state, ports, model_repository), state / "stack.json", say=lambda line: None)
+    settings = StackSettings(port=edge, inference_port=inference, auth_port=auth, billing_port=billing,
+                             inference_metrics_port=metrics[0], auth_metrics_port=metrics[1],
+                             billing_metrics_port=metrics[2])
+    env = {**LOAD_SETTINGS, "CLOUDACH_BENCH_TOKENS_PER_S": str(tokens_per_s)}
+    supervisor = Supervisor(stack_children(state, settings, model_repository, env), state / "stack.json",
+                            say=lambda line: None)
     try:
         supervisor.start_all()
         triton = supervisor.children[0]
         grpc_address = triton.address.split()[0]
-        yield BenchStack(ports, grpc_address, (state / "dev-api-key").read_text().strip(),
+        yield BenchStack(settings, grpc_address, (state / "dev-api-key").read_text().strip(),
                          {c.name: c.process.pid for c in supervisor.children})
     finally:
         supervisor.stop_all()
-        os.environ.clear()
-        os.environ.update(saved)

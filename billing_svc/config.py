@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
+from cloudach import defaults as d
 from cloudach.config import from_env, setting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -12,13 +13,13 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class BillingConfig:
-    listen_address: str = setting("127.0.0.1:50053", "CLOUDACH_BILLING_LISTEN")
+    listen_address: str = setting(d.address(d.BILLING_PORT), "CLOUDACH_BILLING_LISTEN")
     #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
-    metrics_port: int = setting(9103, "CLOUDACH_BILLING_METRICS_PORT")
+    metrics_port: int = setting(d.BILLING_METRICS_PORT, "CLOUDACH_BILLING_METRICS_PORT")
     #: sqlite:///path (the default, a file in the data directory) or postgresql://...
-    database_url: str = setting("sqlite:///.cloudach/data/billing.db", "CLOUDACH_BILLING_DATABASE_URL")
+    database_url: str = setting(f"sqlite:///{d.DATA_DIR}/{d.BILLING_DATABASE}", "CLOUDACH_BILLING_DATABASE_URL")
     #: auth_svc, whose published keys verify callers' tokens
-    auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
+    auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: prices per model (TOML)
     prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_BILLING_PRICES_FILE")
     shutdown_grace_s: float = setting(5.0, "CLOUDACH_BILLING_SHUTDOWN_GRACE_S")

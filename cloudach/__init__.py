@@ -1,1 +1,2 @@
-"""Cloudach: shared platform code, the generated gRPC stubs and the `cloudach` command."""
+"""Cloudach's shared library: errors, gRPC plumbing, tokens, the database layer, settings and
+telemetry, and the generated stubs. It imports nothing from the services or the tools above it."""

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cloudach import defaults as d
 from cloudach.config import from_env, setting
 
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    host: str = setting("127.0.0.1", "CLOUDACH_EDGE_HOST")
-    port: int = setting(8080, "CLOUDACH_PORT")
+    host: str = setting(d.HOST, "CLOUDACH_EDGE_HOST")
+    port: int = setting(d.EDGE_PORT, "CLOUDACH_PORT")
     #: inference_svc's gRPC address
-    inference_target: str = setting("127.0.0.1:50051", "CLOUDACH_INFERENCE_TARGET")
+    inference_target: str = setting(d.address(d.INFERENCE_PORT), "CLOUDACH_INFERENCE_TARGET")
     #: auth_svc's gRPC address
-    auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
+    auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: how long an answer of auth_svc about a key is reused (a revoked key works at most this long)
     auth_cache_ttl_s: float = setting(10.0, "CLOUDACH_EDGE_AUTH_CACHE_TTL_S")
     #: billing_svc's gRPC address
-    billing_target: str = setting("127.0.0.1:50053", "CLOUDACH_BILLING_TARGET")
+    billing_target: str = setting(d.address(d.BILLING_PORT), "CLOUDACH_BILLING_TARGET")
     #: the durable outbox of usage records waiting for billing_svc (SQLite)
-    outbox_path: str = setting(".cloudach/data/edge-outbox.db", "CLOUDACH_EDGE_OUTBOX_PATH")
+    outbox_path: str = setting(f"{d.DATA_DIR}/{d.EDGE_OUTBOX}", "CLOUDACH_EDGE_OUTBOX_PATH")
     #: file holding the edge's own API key, exchanged for the token it presents to billing_svc
     service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")
     #: longest pause between delivery attempts while billing_svc is unreachable

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
+from cloudach import defaults as d
 from cloudach.config import from_env, setting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -13,13 +14,13 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class InferenceConfig:
     #: where the gRPC server listens ("host:0" picks a free port)
-    listen_address: str = setting("127.0.0.1:50051", "CLOUDACH_INFERENCE_LISTEN")
+    listen_address: str = setting(d.address(d.INFERENCE_PORT), "CLOUDACH_INFERENCE_LISTEN")
     #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
-    metrics_port: int = setting(9101, "CLOUDACH_INFERENCE_METRICS_PORT")
+    metrics_port: int = setting(d.INFERENCE_METRICS_PORT, "CLOUDACH_INFERENCE_METRICS_PORT")
     #: Triton gRPC endpoints, comma-separated; each stream goes to the least busy one
     triton_urls: tuple[str, ...] = setting(("127.0.0.1:8001",), "CLOUDACH_TRITON_URLS")
     #: auth_svc, whose published keys verify the callers' tokens
-    auth_target: str = setting("127.0.0.1:50052", "CLOUDACH_AUTH_TARGET")
+    auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: the model registry (TOML)
     models_file: str = setting(str(REPO_ROOT / "deploy" / "inference" / "models.cpu.toml"), "CLOUDACH_MODELS_FILE")
     #: streams served at once; more are refused with RESOURCE_EXHAUSTED, never queued

@@ -1,44 +1,51 @@
-"""The `cloudach` command."""
+"""The `cloudach` command: `up` (what `make run` runs), `status`, `keys`, `usage`, `bench`."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
+from cloudach import defaults
+from tools import cli_keys, cli_status, cli_usage
+from tools.settings import ClientSettings, StackSettings, variable
+
+
+def _add_up(commands: argparse._SubParsersAction, stack: StackSettings) -> None:
+    up = commands.add_parser("up", help="run the local stack until Ctrl-C (what `make run` calls)")
+    up.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path(defaults.STATE_DIR))
+    up.add_argument("--port", type=int, help=f"the HTTP API's port (default {stack.port}, or {variable(StackSettings, 'port')})")
+    for service in ("inference", "auth", "billing"):
+        name = f"{service}_port"
+        up.add_argument(f"--{service}-port", type=int,
+                        help=f"{service}_svc's gRPC port (default {getattr(stack, name)}, or {variable(StackSettings, name)})")
+
 
 def main(argv: list[str] | None = None) -> int:
+    client, stack = ClientSettings.from_env(), StackSettings.from_env()
     parser = argparse.ArgumentParser(prog="cloudach", description="Cloudach: an OpenAI-compatible LLM API")
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="run the local stack until Ctrl-C (what `make run` calls)")
-    up.add_argument("--state-dir", type=pathlib.Path, default=pathlib.Path(".cloudach"))
-    up.add_argument("--port", type=int, default=int(os.environ.get("CLOUDACH_PORT", "8080")),
-                    help="the HTTP API's port (default 8080, or CLOUDACH_PORT)")
-    for service, default in (("inference", 50051), ("auth", 50052), ("billing", 50053)):
-        variable = f"CLOUDACH_{service.upper()}_PORT"
-        up.add_argument(f"--{service}-port", type=int, default=int(os.environ.get(variable, default)),
-                        help=f"{service}_svc's gRPC port (default {default}, or {variable})")
-    from cloudach import cli_keys, cli_usage
-
-    cli_keys.add_parser(commands)
-    cli_usage.add_parsers(commands)
+    _add_up(commands, stack)
+    cli_status.add_parser(commands)
+    cli_keys.add_parser(commands, client)
+    cli_usage.add_parser(commands, client)
     from bench import cli as bench_cli
 
     bench_cli.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "keys":
-        return cli_keys.run(args)
-    if args.command in ("usage", "status"):
-        return cli_usage.run(args)
-    if args.command == "bench":
-        return bench_cli.run(args)
     if args.command == "up":
-        from cloudach.launcher.stack import Ports, run_stack
+        from tools.launcher.stack import run_stack
 
-        ports = Ports(edge=args.port, inference=args.inference_port, auth=args.auth_port, billing=args.billing_port)
-        return run_stack(args.state_dir, ports)
-    return 2
+        chosen = stack.with_options(port=args.port, inference_port=args.inference_port,
+                                    auth_port=args.auth_port, billing_port=args.billing_port)
+        return run_stack(args.state_dir, chosen)
+    if args.command == "status":
+        return cli_status.run(args, client)
+    if args.command == "keys":
+        return cli_keys.run(args, client)
+    if args.command == "usage":
+        return cli_usage.run(args, client)
+    return bench_cli.run(args)
 
 
 if __name__ == "__main__":

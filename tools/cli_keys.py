@@ -6,21 +6,23 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import pathlib
 import sys
 
 import grpc
 
+from cloudach import defaults
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.rpc.errors import error_from_rpc
+from tools.client import api_key, table, token_metadata
+from tools.settings import ClientSettings
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(commands: argparse._SubParsersAction, client: ClientSettings) -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys (needs an admin key)")
-    keys.add_argument("--auth-target", default=os.environ.get("CLOUDACH_AUTH_TARGET", "127.0.0.1:50052"))
-    keys.add_argument("--admin-key-file", type=pathlib.Path, default=pathlib.Path(".cloudach/dev-api-key"),
+    keys.add_argument("--auth-target", default=client.auth_target)
+    keys.add_argument("--admin-key-file", type=pathlib.Path, default=pathlib.Path(defaults.DEV_API_KEY_FILE),
                       help="file holding an admin key (CLOUDACH_API_KEY takes precedence)")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key; it is shown this once")
@@ -36,15 +38,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
-
-
-def _admin_key(args: argparse.Namespace) -> str:
-    if os.environ.get("CLOUDACH_API_KEY"):
-        return os.environ["CLOUDACH_API_KEY"]
-    try:
-        return args.admin_key_file.read_text().strip()
-    except OSError:
-        sys.exit(f"no admin key: set CLOUDACH_API_KEY or create {args.admin_key_file}")
 
 
 def _when(ts) -> str:
@@ -64,21 +57,15 @@ def _row(k: pb.ApiKeyInfo) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no keys)"
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
+    return table(list(rows[0]), [list(r.values()) for r in rows]) if rows else "(no keys)"
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, client: ClientSettings) -> int:
+    key = api_key(client, args.admin_key_file)
     async with grpc.aio.insecure_channel(args.auth_target) as channel:
         stub = AuthServiceStub(channel)
         try:
-            reply = await stub.Authenticate(pb.AuthenticateRequest(api_key=_admin_key(args)), timeout=10)
-            metadata = (("authorization", f"Bearer {reply.token}"),)
+            metadata = await token_metadata(stub, key)
             if args.action == "create":
                 limits = pb.KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
                                       max_concurrent_streams=args.max_concurrency,
@@ -100,5 +87,5 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+def run(args: argparse.Namespace, client: ClientSettings) -> int:
+    return asyncio.run(_run(args, client))

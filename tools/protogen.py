@@ -1,4 +1,4 @@
-"""Generates the gRPC stubs from protos/ into the repository root: `python -m cloudach.protogen`.
+"""Generates the gRPC stubs from protos/ into the repository root: `python -m tools.protogen`.
 
 protos/cloudach/inference/v1/inference.proto becomes the module cloudach.inference.v1.inference_pb2,
 so the generated imports are right as written and nothing is patched afterwards.

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.process import alive
+from tools.launcher.ports import free_ports
+from tools.launcher.process import alive
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GUIDE = pathlib.Path(__file__).parent / "guide"
@@ -86,7 +86,7 @@ class Stack:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "cloudach", *args], capture_output=True, text=True, timeout=60, cwd=self.state_dir.parent,
+            [sys.executable, "-m", "tools", *args], capture_output=True, text=True, timeout=60, cwd=self.state_dir.parent,
             env={**os.environ, "CLOUDACH_AUTH_TARGET": f"127.0.0.1:{self.auth_port}",
                  "CLOUDACH_BILLING_TARGET": f"127.0.0.1:{self.billing_port}"},
         )
@@ -103,7 +103,7 @@ def stack(tmp_path_factory) -> Stack:
     port, inference_port, auth_port, billing_port, *metrics = free_ports(7)
     metrics_ports = {f"CLOUDACH_{name}_METRICS_PORT": str(p) for name, p in zip(("INFERENCE", "AUTH", "BILLING"), metrics)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "cloudach", "up", "--state-dir", str(state_dir), "--port", str(port),
+        [sys.executable, "-m", "tools", "up", "--state-dir", str(state_dir), "--port", str(port),
          "--inference-port", str(inference_port), "--auth-port", str(auth_port), "--billing-port", str(billing_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **metrics_ports},
     )

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from cloudach.launcher.ports import free_ports
+from tools.launcher.ports import free_ports
 from tests.e2e.conftest import GUIDE, MODEL, NODE, Output, Stack
 
 #: At temperature 0 the CPU model answers this with all of max_tokens (2,000 tokens: about 35 s here).

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.process import spawn
-from cloudach.launcher.supervisor import Child, StartError, Supervisor
+from tools.launcher.ports import free_ports
+from tools.launcher.process import spawn
+from tools.launcher.supervisor import Child, StartError, Supervisor
 
 
 def http_child(tmp_path, name: str, command: list[str] | None = None) -> Child:

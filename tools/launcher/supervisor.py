@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cloudach.launcher.probes import ProbeSpec, check, wait_ready
-from cloudach.launcher.process import log_tail, reap_group, stop
+from tools.launcher.probes import ProbeSpec, check, wait_ready
+from tools.launcher.process import log_tail, reap_group, stop
 
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0

@@ -13,12 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.probes import http_ready, wait_ready
-from cloudach.launcher.process import log_tail, spawn, stop
+from tools.launcher.ports import free_ports
+from tools.launcher.probes import http_ready, wait_ready
+from tools.launcher.process import log_tail, spawn, stop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "cpu"
@@ -100,14 +100,15 @@ def start_triton(
     model_repository: pathlib.Path = CPU_MODEL_REPOSITORY,
     extra_args: Sequence[str] = (),
     ports: Sequence[int] = (),
+    trace_url: str = "",
+    env: Mapping[str, str] = {},
 ) -> TritonServer:
-    """Starts tritonserver on loopback, on ports (http, grpc, metrics) or free ones; call
-    wait_ready() before using it."""
+    """Starts tritonserver on loopback, on ports (http, grpc, metrics) or free ones, with env added
+    to its environment (its models read their settings there); call wait_ready() before using it."""
     home = triton_home()
     _install_python_stub(home)
     http_port, grpc_port, metrics_port = ports or free_ports(3)
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
+    path = os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
     args = [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={model_repository}",
@@ -120,10 +121,10 @@ def start_triton(
         f"--metrics-port={metrics_port}",
         "--allow-gpu-metrics=false",
         "--exit-timeout-secs=10",
-        *trace_args(os.environ.get("CLOUDACH_TRITON_TRACE_URL", "")),
+        *trace_args(trace_url),
         *extra_args,
     ]
     # Its own session keeps our terminal's Ctrl-C from it (the launcher stops it in order);
     # SIGKILL when the launcher dies, as its stubs cannot drain without it anyway.
-    process = spawn(args, log_path, env, own_session=True, death_signal=signal.SIGKILL)
+    process = spawn(args, log_path, {**env, "PATH": path}, own_session=True, death_signal=signal.SIGKILL)
     return TritonServer(process, http_port, grpc_port, metrics_port, log_path)
