@@ -17,7 +17,9 @@ import grpc
 
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
-from edge.errors import ApiError
+from cloudach.errors import Unauthenticated
+from cloudach.rpc.errors import error_from_rpc
+from edge.errors import ApiError, unavailable
 
 _MISSING = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -87,13 +89,11 @@ class Authenticator:
             self._counter.labels("miss").inc()
         try:
             reply = await self._stub.Authenticate(pb.AuthenticateRequest(api_key=key), timeout=self._timeout_s)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        except grpc.aio.AioRpcError as failure:
+            if isinstance(error_from_rpc(failure), Unauthenticated):
                 self._remember(digest, now + self._ttl_s, None)
                 raise ApiError(401, _INCORRECT, code="invalid_api_key") from None
-            raise ApiError(503, "Authentication is temporarily unavailable. Please retry shortly.",
-                           type="server_error", code="service_unavailable",
-                           headers={"Retry-After": "1", "retry-after-ms": "1000"}) from None
+            raise unavailable("Authentication is temporarily unavailable. Please retry shortly.") from None
         token_left = reply.token_expires_at.seconds - time.time() - TOKEN_MARGIN_S
         principal = _principal(reply)
         self._remember(digest, now + max(0.0, min(self._ttl_s, token_left)), principal)

@@ -10,7 +10,10 @@ While billing_svc is unreachable, records wait with exponential backoff, across 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import pathlib
+import sqlite3
 import time
 
 import grpc
@@ -21,6 +24,8 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.db import Database
+from cloudach.errors import InvalidArgument
+from cloudach.rpc.errors import error_from_rpc
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,17 @@ MIGRATIONS = [
     """,
     "ALTER TABLE outbox ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''",
 ]
+_COUNT = "SELECT COUNT(*) FROM outbox"
 tracer = trace.get_tracer("cloudach.edge")
+
+
+def queued_records(path: pathlib.Path) -> int | None:
+    """How many records the outbox at path holds, read without opening it for writing (for
+    `cloudach status`); None when there is no outbox there yet."""
+    if not path.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        return conn.execute(_COUNT).fetchone()[0]
 
 
 class UsageOutbox:
@@ -67,7 +82,7 @@ class UsageOutbox:
         await self._db.execute("UPDATE outbox SET dead = 1, attempts = attempts + 1 WHERE id = ?", (row_id,))
 
     async def depth(self) -> int:
-        row = await self._db.fetchone("SELECT COUNT(*) FROM outbox")
+        row = await self._db.fetchone(_COUNT)
         return int(row[0])
 
     async def close(self) -> None:
@@ -91,15 +106,38 @@ class ServiceToken:
         return (("authorization", f"Bearer {self._token}"),)
 
 
+async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, metadata: tuple[tuple[str, str], ...],
+                   records: list[tuple[int, pb.UsageRecord, str]]) -> None:
+    """Delivers records in order, deleting each once billing_svc has it; one it refuses as
+    invalid is set aside. Any other failure propagates, and the rest wait for the next attempt."""
+    for row_id, record, traceparent in records:
+        parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+        try:
+            with tracer.start_as_current_span("usage delivery", context=parent,
+                                              attributes={"cloudach.request_id": record.request_id}):
+                await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
+        except grpc.aio.AioRpcError as error:
+            if not isinstance(error_from_rpc(error), InvalidArgument):
+                raise
+            log.error("billing_svc refused usage record %s: %s", record.request_id, error.details())
+            await outbox.set_aside(row_id)
+            continue
+        await outbox.delivered(row_id)
+
+
 async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, identity: ServiceToken | None,
                           wake: asyncio.Event, max_backoff_s: float = 30.0, batch: int = 100,
                           depth_gauge=None) -> None:
-    """Delivers the outbox until cancelled; keeps depth_gauge (a Prometheus gauge) current."""
+    """Delivers the outbox until cancelled; keeps depth_gauge (a Prometheus gauge) current.
+
+    Without an identity (no service key) records are kept and nothing is delivered."""
+    if identity is None:
+        log.warning("usage records are kept in the outbox, not delivered: no service key (CLOUDACH_EDGE_SERVICE_KEY_FILE)")
     backoff = 0.2
     while True:
         if depth_gauge is not None:
             depth_gauge.set(await outbox.depth())
-        records = await outbox.pending(batch)
+        records = await outbox.pending(batch) if identity is not None else []
         if not records:
             wake.clear()
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
@@ -111,24 +149,9 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
                 pass
             continue
         try:
-            if identity is None:
-                raise RuntimeError("no service key configured (CLOUDACH_EDGE_SERVICE_KEY_FILE)")
-            metadata = await identity.metadata()
-            for row_id, record, traceparent in records:
-                try:
-                    parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
-                    with tracer.start_as_current_span("usage delivery", context=parent,
-                                                      attributes={"cloudach.request_id": record.request_id}):
-                        await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                        raise
-                    log.error("billing_svc refused usage record %s: %s", record.request_id, error.details())
-                    await outbox.set_aside(row_id)
-                    continue
-                await outbox.delivered(row_id)
+            await _deliver(outbox, billing, await identity.metadata(), records)
             backoff = 0.2
-        except (grpc.aio.AioRpcError, RuntimeError) as error:
-            log.warning("usage delivery paused %.1fs: %s", backoff, getattr(error, "details", lambda: error)())
+        except grpc.aio.AioRpcError as error:
+            log.warning("usage delivery paused %.1fs: %s", backoff, error_from_rpc(error).message)
             await asyncio.sleep(backoff)
             backoff = min(max_backoff_s, backoff * 2)

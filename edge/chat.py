@@ -19,15 +19,14 @@ from opentelemetry import propagate, trace
 from cloudach.billing.v1 import billing_pb2
 from cloudach.errors import Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
-from cloudach.metadata import PROMPT_TOKENS
-from cloudach.rpc.errors import error_from_call, error_from_rpc
+from cloudach.rpc.errors import error_from_rpc
 from edge.auth import Principal
 from edge.errors import ApiError, bad_request, from_domain
 from edge.http import read_json_object
 from edge.ratelimit import Quota, headers, refusal
 from edge.schema import CREATE_CHAT_COMPLETION_REQUEST
 from edge.sse import DONE, KEEPALIVE, ChunkEncoder, error_event, usage_dict
-from edge.state import MODEL, PRINCIPAL, RATE_HEADERS, STATE
+from edge.state import MAX_TOKENS_NAME, MODEL, PRINCIPAL, RATE_HEADERS, STATE
 from edge.validation import validate
 
 log = logging.getLogger(__name__)
@@ -141,6 +140,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     quota = Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
     try:
         chat = parse_chat_request(await read_json_object(request))
+        request[MAX_TOKENS_NAME] = chat.max_tokens_name
         _check_model_allowed(principal, chat.model)
     except ApiError:
         # A refused request still spends a request, as OpenAI counts failed requests.
@@ -162,7 +162,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             # The channel's tracing interceptor passes this request's trace context on.
             call = state.inference.Generate(chat.generate, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)
             try:
-                tally.prompt_tokens = await _accepted(call, chat)
+                tally.prompt_tokens = await _accepted(call)
                 tally.accepted = True
                 if chat.stream:
                     return await _stream(request, call, chat, tally)
@@ -247,12 +247,13 @@ async def _bill(request: web.Request, principal: Principal, chat: ChatRequest, t
     state.outbox_wake.set()
 
 
-async def _accepted(call: grpc.aio.UnaryStreamCall, chat: ChatRequest) -> int:
-    """Waits for inference_svc to accept the request; a refusal becomes its HTTP error."""
-    value = dict(await call.initial_metadata() or ()).get(PROMPT_TOKENS)
-    if value is None:
-        raise from_domain(await error_from_call(call), chat.max_tokens_name)
-    return int(value)
+async def _accepted(call: grpc.aio.UnaryStreamCall) -> int:
+    """Waits for inference_svc to accept the request (its first event): the prompt's tokens. A
+    refusal raises its gRPC error, which the error middleware answers."""
+    first = await call.read()
+    if first is grpc.aio.EOF or not first.HasField("accepted"):
+        raise Unavailable("inference_svc's stream did not begin with Accepted")
+    return first.accepted.prompt_tokens
 
 
 async def _keepalives(response: web.StreamResponse, every_s: float) -> None:
@@ -353,19 +354,16 @@ def _bound_send_buffer(request: web.Request, size: int) -> None:
 async def _complete(call, chat: ChatRequest, tally: Tally) -> web.Response:
     parts: list[str] = []
     finished = None
-    try:
-        while (message := await call.read()) is not grpc.aio.EOF:
-            if message.HasField("finished"):
-                finished = message.finished
-            else:
-                if not tally.time_to_first_token_ns:
-                    tally.first_token()
-                tally.completion_tokens += message.delta.token_count
-                parts.append(message.delta.text)
-    except grpc.aio.AioRpcError as failure:
-        raise from_domain(error_from_rpc(failure), chat.max_tokens_name) from None
+    while (message := await call.read()) is not grpc.aio.EOF:
+        if message.HasField("finished"):
+            finished = message.finished
+        else:
+            if not tally.time_to_first_token_ns:
+                tally.first_token()
+            tally.completion_tokens += message.delta.token_count
+            parts.append(message.delta.text)
     if finished is None:
-        raise from_domain(Unavailable("the inference stream ended before the generation finished"))
+        raise Unavailable("the inference stream ended before the generation finished")
     tally.completion_tokens = finished.usage.completion_tokens
     tally.outcome = billing_pb2.OUTCOME_COMPLETED
     tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")

@@ -1,12 +1,17 @@
-"""OpenAI's error envelope, and the one mapping from domain errors to HTTP statuses."""
+"""OpenAI's error envelope, and the one mapping from domain errors (raised here, or returned by a
+service over gRPC) to HTTP statuses. Routes raise; the error middleware (middleware.py) answers."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 
+import grpc
+
 from cloudach import errors as domain
+from cloudach.rpc.errors import error_from_rpc
 
 log = logging.getLogger("edge.errors")
 
@@ -42,9 +47,19 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
-def overloaded(message: str, retry_after_s: int = 1) -> ApiError:
-    return ApiError(503, message, type="server_error", code="server_overloaded",
-                    headers={"Retry-After": str(retry_after_s), "retry-after-ms": str(retry_after_s * 1000)})
+def retry_headers(wait_s: float) -> dict[str, str]:
+    """The waits the official SDKs honour: Retry-After in whole seconds, retry-after-ms exactly."""
+    return {"Retry-After": str(math.ceil(wait_s)), "retry-after-ms": str(math.ceil(wait_s * 1000))}
+
+
+def overloaded(message: str, retry_after_s: float = 1) -> ApiError:
+    """503: at capacity right now; retrying shortly helps."""
+    return ApiError(503, message, type="server_error", code="server_overloaded", headers=retry_headers(retry_after_s))
+
+
+def unavailable(message: str) -> ApiError:
+    """503: a service behind the edge cannot answer right now; retrying shortly helps."""
+    return ApiError(503, message, type="server_error", code="service_unavailable", headers=retry_headers(1))
 
 
 #: inference_svc's field paths, as the public API names them.
@@ -71,8 +86,19 @@ def public_param(param: str | None, max_tokens_name: str) -> str | None:
     return _PUBLIC_PARAMS.get(param)
 
 
+def from_failure(error: BaseException, max_tokens_name: str = "max_tokens") -> ApiError | None:
+    """The HTTP error for a failed gRPC call or a domain error; None for anything else."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        error = error_from_rpc(error)
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, domain.CloudachError):
+        return from_domain(error, max_tokens_name)
+    return None
+
+
 def from_domain(error: domain.CloudachError, max_tokens_name: str = "max_tokens") -> ApiError:
-    """The HTTP error a caller sees for a domain error (raised here or returned by a service)."""
+    """The HTTP error a caller sees for a domain error."""
     param = public_param(error.param, max_tokens_name)
     if isinstance(error, domain.InvalidArgument):
         return ApiError(400, error.message, param=param, code=error.code)
@@ -85,9 +111,7 @@ def from_domain(error: domain.CloudachError, max_tokens_name: str = "max_tokens"
     if isinstance(error, domain.ResourceExhausted):
         return overloaded(error.message)
     if isinstance(error, domain.Unavailable):
-        return ApiError(503, "The model is temporarily unavailable. Please retry shortly.",
-                        type="server_error", code="service_unavailable",
-                        headers={"Retry-After": "1", "retry-after-ms": "1000"})
+        return unavailable("The model is temporarily unavailable. Please retry shortly.")
     if isinstance(error, domain.DeadlineExceeded):
         return ApiError(504, "The request did not complete within its deadline.", type="server_error", code="timeout")
     # The caller sees a generic message; the operator needs the cause.

@@ -1,16 +1,15 @@
-"""Request plumbing shared by the edge's routes: JSON bodies, request ids, admission."""
+"""Request plumbing shared by the edge's routes: JSON bodies and request ids."""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from edge.errors import ApiError, bad_request, overloaded
+from edge.errors import ApiError, bad_request
 
 #: Per-request storage, typed: the request's id and when the edge started handling it.
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -49,22 +48,3 @@ def request_id(request: web.Request) -> str:
     """The client's x-request-id when it is a sane token, otherwise a new one."""
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
-
-
-class Admission:
-    """Counts requests in flight; beyond the limit new ones are refused at once (503)."""
-
-    def __init__(self, limit: int, on_reject: Callable[[], None] = lambda: None) -> None:
-        self.limit = limit
-        self.active = 0
-        self._on_reject = on_reject
-
-    def __enter__(self) -> Admission:
-        if self.active >= self.limit:
-            self._on_reject()
-            raise overloaded("The server is at capacity. Please retry shortly.")
-        self.active += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.active -= 1

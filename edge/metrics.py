@@ -27,8 +27,10 @@ class EdgeMetrics:
                                   ["result"], registry=r)
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    from edge.state import STATE
+METRICS = web.AppKey("metrics", EdgeMetrics)
 
-    return web.Response(body=generate_latest(request.app[STATE].metrics.registry),
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics, in Prometheus's text format."""
+    return web.Response(body=generate_latest(request.app[METRICS].registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge.errors import ApiError
+from edge.errors import ApiError, retry_headers
 
 WINDOW_S = 60.0
 
@@ -70,7 +70,6 @@ def headers(decision: Decision) -> dict[str, str]:
 def refusal(decision: Decision, quota: Quota) -> ApiError:
     """The 429 for a refused request, with the waits the official SDKs honour."""
     wait = max(decision.retry_after_s, 0.001)
-    retry = {"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000))}
     if decision.refused_by == "tokens":
         limit = quota.tokens_per_minute
         message = (f"Rate limit reached for tokens per min (TPM): Limit {limit}. "
@@ -85,7 +84,7 @@ def refusal(decision: Decision, quota: Quota) -> ApiError:
         message = (f"Rate limit reached for requests per min (RPM): Limit {quota.requests_per_minute}. "
                    f"Please try again in {duration(wait)}.")
         kind = "requests"
-    extra = retry if decision.curable else {"x-should-retry": "false"}
+    extra = retry_headers(wait) if decision.curable else {"x-should-retry": "false"}
     return ApiError(429, message, type=kind, code="rate_limit_exceeded", headers={**headers(decision), **extra})
 
 

@@ -11,10 +11,10 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from edge.admission import Admission
 from edge.auth import Authenticator, Principal
 from edge.billing import UsageOutbox
 from edge.config import EdgeConfig
-from edge.http import Admission
 from edge.metrics import EdgeMetrics
 from edge.ratelimit import Limiter
 
@@ -42,3 +42,5 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 RATE_HEADERS = web.RequestKey("rate_headers", dict)
 #: the model a request asked for, for the request counter's label
 MODEL = web.RequestKey("model", str)
+#: which of max_tokens / max_completion_tokens the request used, to name it in errors
+MAX_TOKENS_NAME = web.RequestKey("max_tokens_name", str)

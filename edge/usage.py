@@ -3,13 +3,11 @@ may read their own organization's)."""
 
 from __future__ import annotations
 
-import grpc
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudach.billing.v1 import billing_pb2 as pb
-from cloudach.rpc.errors import error_from_rpc
-from edge.errors import bad_request, from_domain
+from edge.errors import bad_request
 from edge.state import PRINCIPAL, STATE
 
 
@@ -41,8 +39,5 @@ async def get_usage(request: web.Request) -> web.Response:
     scope = "key_id" if "key_id" in request.query else "organization"
     value = request.query.get(scope) or (principal.organization if scope == "organization" else "")
     query = pb.GetUsageRequest(**{scope: value}, start_time=_time(request, "start_time"), end_time=_time(request, "end_time"))
-    try:
-        reply = await request.app[STATE].billing.GetUsage(query, metadata=principal.grpc_metadata, timeout=10)
-    except grpc.aio.AioRpcError as failure:
-        raise from_domain(error_from_rpc(failure)) from None
+    reply = await request.app[STATE].billing.GetUsage(query, metadata=principal.grpc_metadata, timeout=10)
     return web.json_response(usage_json(reply, scope, value))
