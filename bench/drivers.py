@@ -164,7 +164,7 @@ class InferenceDriver:
             async for event in self.stub.Generate(request):
                 if event.HasField("delta"):
                     clock.tokens(event.delta.token_count)
-                else:
+                elif event.HasField("finished"):
                     clock.result.tokens = event.finished.usage.completion_tokens
                     clock.result.ok = True
         except grpc.aio.AioRpcError as failure:
@@ -190,7 +190,7 @@ class TritonDriver:
 
         self.spec = load_registry(InferenceConfig().models_file).get(self.model)
         self.message = Message
-        self.engine = TritonEngine([self.url], token_timeout_s=60)
+        self.engine = TritonEngine([self.url], 60, {self.spec.id: self.spec.engine})
 
     async def close(self) -> None:
         await self.engine.close()
@@ -199,9 +199,9 @@ class TritonDriver:
         from cloudach.errors import CloudachError
         from inference_svc.engine import EngineRequest
 
-        request = EngineRequest(f"bench-{next(self.ids)}", self.spec.triton_model,
+        request = EngineRequest(f"bench-{next(self.ids)}", self.spec.id,
                                 self.spec.encode_chat([self.message("user", prompt)]), max_tokens,
-                                self.spec.end_id, self.spec.pad_id, (), 0.0, 1.0, 0, 0)
+                                tuple(self.spec.stop_token_ids), 0.0, 1.0, 0, 0)
         clock = _Clock()
         try:
             async for ids in self.engine.generate(request):

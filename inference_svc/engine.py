@@ -14,13 +14,12 @@ from typing import Protocol
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     request_id: str
-    model: str  # the Triton model's name
+    model: str  # the registry's (public) model id; the engine knows how it runs it
     input_ids: list[int]
     max_new_tokens: int
-    end_id: int
-    pad_id: int | None
+    #: the tokens that end the model's turn
     stop_token_ids: tuple[int, ...]
-    temperature: float
+    temperature: float  # 0: greedy
     top_p: float
     top_k: int  # 0: no cut
     seed: int
@@ -38,6 +37,7 @@ class Engine(Protocol):
         the model. Failures raise cloudach.errors exceptions (Unavailable, ResourceExhausted...).
         """
 
-    async def model_ready(self, model: str) -> bool: ...
+    async def model_ready(self, model: str) -> bool:
+        """Whether the model (a registry id) can take requests now."""
 
     async def close(self) -> None: ...

@@ -68,10 +68,6 @@ def plan_generation(
     _check_range(top_p, 0.0, 1.0, "sampling.top_p")
     _check_range(s.presence_penalty, -2.0, 2.0, "sampling.presence_penalty")
     _check_range(s.frequency_penalty, -2.0, 2.0, "sampling.frequency_penalty")
-    top_k = s.top_k
-    if temperature == 0.0 or top_p == 0.0:
-        # Greedy. TensorRT-LLM has no temperature 0: keeping only the top token is the same thing.
-        temperature, top_p, top_k = 1.0, 1.0, 1
 
     stopping = request.stopping
     stops = tuple(stopping.stop_sequences)
@@ -106,15 +102,13 @@ def plan_generation(
 
     engine_request = EngineRequest(
         request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
-        model=spec.triton_model,
+        model=spec.id,
         input_ids=prompt_ids,
         max_new_tokens=max_new,
-        end_id=spec.end_id,
-        pad_id=spec.pad_id,
         stop_token_ids=tuple(sorted(spec.stop_token_ids)),
         temperature=temperature,
         top_p=top_p,
-        top_k=top_k,
+        top_k=s.top_k,
         # Always explicit, so a backend whose default seed is fixed still varies between requests.
         seed=s.seed if s.HasField("seed") else secrets.randbits(63),
         presence_penalty=s.presence_penalty,
@@ -145,7 +139,7 @@ async def stream_generation(
     start = clock()
     deadline = start + int(max_request_s * 1e9)
     request = plan.engine_request
-    end_ids = plan.spec.stop_token_ids | {request.end_id}
+    end_ids = plan.spec.stop_token_ids
     detokenizer = IncrementalDetokenizer(plan.spec.tokenizer.token_bytes)
     stops = StopMatcher(plan.stop_sequences)
     generated = unreported = 0

@@ -1,10 +1,14 @@
-"""The models inference_svc serves: public id -> Triton model, tokenizer, template, limits."""
+"""The models inference_svc serves: public id -> tokenizer, chat template, ending tokens, limits.
+
+How a backend runs a model (for Triton: which model, its end and pad ids) is the engine's
+business: each entry's `[models.engine]` table is handed to the engine unread."""
 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloudach.errors import NotFound
 from inference_svc.templates import TEMPLATES, Message, Piece
@@ -14,20 +18,20 @@ from inference_svc.tokenizer import Tokenizer, encode_pieces, load_tokenizer
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
-    triton_model: str
     tokenizer: Tokenizer = field(repr=False)
     chat_template: str
-    end_id: int
+    #: the tokens that end the model's turn: generating one ends the completion
+    stop_token_ids: frozenset[int]
     context_window: int
     default_max_tokens: int
     max_output_tokens: int
-    pad_id: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
     default_system_prompt: str | None = None
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     owned_by: str = "cloudach"
     created_unix_s: int = 0
+    #: the engine's own settings for this model, opaque here
+    engine: Mapping[str, Any] = field(default_factory=dict)
 
     def render(self, messages: Sequence[Message]) -> list[Piece]:
         return TEMPLATES[self.chat_template](messages, self.default_system_prompt)
@@ -66,7 +70,9 @@ def load_registry(path: str, tokenizer_loader: Callable[[str], Tokenizer] = load
             raise ValueError(f"model {entry['id']}: unknown chat_template {template!r}")
         tokenizer = tokenizer_loader(entry.pop("tokenizer"))
         stop_ids = frozenset(entry.pop("stop_token_ids", []))
-        for token_id in (entry["end_id"], *stop_ids):
+        if not stop_ids:
+            raise ValueError(f"model {entry['id']}: stop_token_ids must name the token(s) ending its turn")
+        for token_id in stop_ids:
             if not 0 <= token_id < tokenizer.vocab_size:
                 raise ValueError(f"model {entry['id']}: token id {token_id} is outside the vocabulary")
         specs.append(ModelSpec(tokenizer=tokenizer, stop_token_ids=stop_ids, **entry))

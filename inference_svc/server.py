@@ -36,7 +36,7 @@ async def _watch_health(server: GrpcServer, registry: ModelRegistry, engine: Eng
     """SERVING while at least one model is ready in Triton, NOT_SERVING otherwise."""
     serving = None
     while True:
-        ready = any(await asyncio.gather(*(engine.model_ready(s.triton_model) for s in registry)))
+        ready = any(await asyncio.gather(*(engine.model_ready(s.id) for s in registry)))
         if ready != serving:
             log.info("inference_svc %s", "serving" if ready else "not serving: no model ready in Triton")
             await server.set_serving(ready)
@@ -55,7 +55,7 @@ async def running_inference(
 
     Every call needs an internal token; verifier defaults to one reading auth_svc's keys."""
     registry = registry or load_registry(config.models_file)
-    engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s)
+    engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s, {s.id: s.engine for s in registry})
     async with contextlib.AsyncExitStack() as stack:
         if verifier is None:
             auth_channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))

@@ -6,12 +6,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-import grpc
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cloudach.errors import ResourceExhausted
-from cloudach.metadata import PROMPT_TOKENS
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from inference_svc.config import InferenceConfig
@@ -71,7 +69,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 "gen_ai.usage.input_tokens": plan.prompt_tokens, "cloudach.request_id": plan.engine_request.request_id,
             })
             # Accepted: the caller may commit to a successful response before the first token.
-            await context.send_initial_metadata(((PROMPT_TOKENS, str(plan.prompt_tokens)),))
+            yield pb.GenerateResponse(accepted=pb.Accepted(prompt_tokens=plan.prompt_tokens))
             first = True
             async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
                 if first and event.HasField("delta"):
@@ -105,7 +103,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         specs = list(self._registry)
-        ready = await asyncio.gather(*(self._engine.model_ready(s.triton_model) for s in specs))
+        ready = await asyncio.gather(*(self._engine.model_ready(s.id) for s in specs))
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(

@@ -2,14 +2,17 @@
 
 One ModelStreamInfer stream per request, so cancelling the stream cancels that request in the
 model (through an ensemble or a BLS it would not: shared/notes/trtllm-contract.md). Moving to
-another serving layout should touch only this file.
+another serving layout should touch only this file. What Triton needs to know of each model (its
+name in Triton, its end and pad ids) comes from the registry's `[models.engine]` tables.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -40,8 +43,31 @@ def _stop_words_list(ids: Sequence[int]) -> np.ndarray:
     return np.array([[flat, offsets]], dtype=np.int32)
 
 
-def build_inputs(r: EngineRequest) -> list[InferInput]:
+@dataclass(frozen=True, slots=True)
+class TritonModel:
+    """How one registry model runs in Triton."""
+
+    name: str
+    #: the token TensorRT-LLM ends on; the model's other ending tokens go as stop words
+    end_id: int
+    pad_id: int | None = None
+
+    @classmethod
+    def from_table(cls, model_id: str, table: Mapping[str, Any]) -> TritonModel:
+        try:
+            return cls(table["triton_model"], int(table["end_id"]),
+                       None if table.get("pad_id") is None else int(table["pad_id"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"model {model_id}: its [models.engine] table needs triton_model and end_id ({error})") from None
+
+
+def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
     """The tensorrt_llm model's inputs; every one carries the leading batch dimension of 1."""
+    temperature, top_p, top_k = r.temperature, r.top_p, r.top_k
+    if temperature == 0.0 or top_p == 0.0:
+        # Greedy. TensorRT-LLM has no temperature 0: keeping only the top token is the same thing.
+        temperature, top_p, top_k = 1.0, 1.0, 1
+    stop_words = [t for t in r.stop_token_ids if t != model.end_id]
 
     def i32(v: int) -> np.ndarray:
         return np.array([[v]], dtype=np.int32)
@@ -53,20 +79,20 @@ def build_inputs(r: EngineRequest) -> list[InferInput]:
         _tensor("input_ids", np.array([r.input_ids], dtype=np.int32), "INT32"),
         _tensor("input_lengths", i32(len(r.input_ids)), "INT32"),
         _tensor("request_output_len", i32(r.max_new_tokens), "INT32"),
-        _tensor("end_id", i32(r.end_id), "INT32"),
+        _tensor("end_id", i32(model.end_id), "INT32"),
         _tensor("streaming", np.array([[True]]), "BOOL"),
         _tensor("exclude_input_in_output", np.array([[True]]), "BOOL"),
-        _tensor("temperature", f32(r.temperature), "FP32"),
-        _tensor("runtime_top_p", f32(r.top_p), "FP32"),
-        _tensor("runtime_top_k", i32(r.top_k), "INT32"),
+        _tensor("temperature", f32(temperature), "FP32"),
+        _tensor("runtime_top_p", f32(top_p), "FP32"),
+        _tensor("runtime_top_k", i32(top_k), "INT32"),
         _tensor("seed", np.array([[r.seed]], dtype=np.uint64), "UINT64"),
         _tensor("presence_penalty", f32(r.presence_penalty), "FP32"),
         _tensor("frequency_penalty", f32(r.frequency_penalty), "FP32"),
     ]
-    if r.pad_id is not None:
-        inputs.append(_tensor("pad_id", i32(r.pad_id), "INT32"))
-    if r.stop_token_ids:
-        inputs.append(_tensor("stop_words_list", _stop_words_list(r.stop_token_ids), "INT32"))
+    if model.pad_id is not None:
+        inputs.append(_tensor("pad_id", i32(model.pad_id), "INT32"))
+    if stop_words:
+        inputs.append(_tensor("stop_words_list", _stop_words_list(stop_words), "INT32"))
     return inputs
 
 
@@ -104,9 +130,11 @@ CHANNEL_ARGS = _channel_args()
 class TritonEngine:
     """Streams generations from one or more Triton servers (the least busy one per request)."""
 
-    def __init__(self, urls: Sequence[str], token_timeout_s: float) -> None:
+    def __init__(self, urls: Sequence[str], token_timeout_s: float, models: Mapping[str, Mapping[str, Any]]) -> None:
+        """models: each registry model's `[models.engine]` table, by model id."""
         if not urls:
             raise ValueError("at least one Triton URL is required")
+        self._models = {model_id: TritonModel.from_table(model_id, table) for model_id, table in models.items()}
         self._urls = list(urls)
         self._clients = [triton.InferenceServerClient(url, channel_args=CHANNEL_ARGS) for url in urls]
         self._in_flight = [0] * len(urls)
@@ -130,11 +158,12 @@ class TritonEngine:
 
     async def _stream(self, index: int, request: EngineRequest) -> AsyncIterator[list[int]]:
         finished = asyncio.Event()
+        model = self._models[request.model]
 
         async def requests():
             yield {
-                "model_name": request.model,
-                "inputs": build_inputs(request),
+                "model_name": model.name,
+                "inputs": build_inputs(request, model),
                 "request_id": request.request_id,
             }
             await finished.wait()  # keep our side open until the model has finished
@@ -144,7 +173,7 @@ class TritonEngine:
             "triton ModelStreamInfer", context=propagate.extract(request.trace_headers), kind=trace.SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
                         "rpc.method": "ModelStreamInfer", "server.address": self._urls[index],
-                        "cloudach.triton.model": request.model, "cloudach.request_id": request.request_id},
+                        "cloudach.triton.model": model.name, "cloudach.request_id": request.request_id},
         )
         headers: dict[str, str] = {}
         propagate.inject(headers, context=trace.set_span_in_context(span))
@@ -180,9 +209,10 @@ class TritonEngine:
             span.end()
 
     async def model_ready(self, model: str) -> bool:
+        name = self._models[model].name
         for client in self._clients:
             try:
-                if await client.is_model_ready(model, client_timeout=2):
+                if await client.is_model_ready(name, client_timeout=2):
                     return True
             except (InferenceServerException, grpc.aio.AioRpcError):
                 continue

@@ -48,13 +48,13 @@ def test_production_uses_in_flight_batching_with_kv_cache_reuse_and_cancellation
 
 def test_inference_svc_only_sends_inputs_the_model_declares():
     from inference_svc.engine import EngineRequest
-    from inference_svc.triton_engine import build_inputs
+    from inference_svc.triton_engine import TritonModel, build_inputs
 
     declared = {i.name: i for i in parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt").input}
-    request = EngineRequest("r", "tensorrt_llm", [1, 2, 3], 5, 2, 2, (7, 9), 0.7, 0.9, 0, 42)
+    request = EngineRequest("r", "llama3-8b", [1, 2, 3], 5, (2, 7, 9), 0.7, 0.9, 0, 42)
     dtype = {"INT32": model_config_pb2.TYPE_INT32, "FP32": model_config_pb2.TYPE_FP32,
              "BOOL": model_config_pb2.TYPE_BOOL, "UINT64": model_config_pb2.TYPE_UINT64}
-    sent = build_inputs(request)
+    sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, pad_id=2))
     assert {"input_ids", "input_lengths", "request_output_len"} <= {t.name() for t in sent}
     for tensor in sent:
         assert tensor.name() in declared, tensor.name()
@@ -62,3 +62,35 @@ def test_inference_svc_only_sends_inputs_the_model_declares():
         assert dtype[tensor.datatype()] == spec.data_type, tensor.name()
         # batch dimension of 1, then the declared rank
         assert len(tensor.shape()) == 1 + len(spec.dims) and tensor.shape()[0] == 1, tensor.name()
+
+
+def test_the_registry_models_engine_tables_say_how_triton_runs_them():
+    import numpy as np
+
+    from inference_svc.engine import EngineRequest
+    from inference_svc.registry import load_registry
+    from inference_svc.triton_engine import TritonModel, build_inputs
+
+    registry = load_registry(str(TRITON.parent / "inference" / "models.cpu.toml"), lambda path: _Vocabulary())
+    spec = registry.get("smollm2-135m-instruct")
+    model = TritonModel.from_table(spec.id, spec.engine)
+    assert model == TritonModel("tensorrt_llm", end_id=2, pad_id=2)
+
+    def sent(request: EngineRequest) -> dict:
+        kinds = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
+        return {t.name(): np.frombuffer(t._get_content(), kinds[t.datatype()]).tolist() for t in build_inputs(request, model)}
+
+    # The ending token TensorRT-LLM ends on goes as end_id; the model's others go as stop words.
+    inputs = sent(EngineRequest("r", spec.id, [1], 5, (2, 7), 0.7, 0.9, 0, 42))
+    assert inputs["end_id"] == [2] and inputs["pad_id"] == [2] and inputs["stop_words_list"] == [7, 1]
+    assert (inputs["temperature"], inputs["runtime_top_k"]) == ([np.float32(0.7)], [0])
+    # Greedy (temperature 0) reaches TensorRT-LLM, which has no temperature 0, as top-k 1.
+    greedy = sent(EngineRequest("r", spec.id, [1], 5, (2,), 0.0, 0.9, 0, 42))
+    assert (greedy["temperature"], greedy["runtime_top_p"], greedy["runtime_top_k"]) == ([1.0], [1.0], [1])
+    assert "stop_words_list" not in greedy
+    with pytest.raises(ValueError, match="triton_model"):
+        TritonModel.from_table("m", {"end_id": 2})
+
+
+class _Vocabulary:
+    vocab_size = 50_000

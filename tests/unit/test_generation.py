@@ -62,10 +62,11 @@ def test_without_max_tokens_the_default_is_bounded_by_the_room_left(registry):
     assert plan.prompt_tokens + plan.engine_request.max_new_tokens == 2048
 
 
-def test_temperature_zero_is_greedy_as_top_k_one_and_a_seed_is_always_sent(registry):
+def test_the_plan_asks_for_the_sampling_requested_and_always_sends_a_seed(registry):
     plan = plan_generation(request(sampling=pb.SamplingParameters(temperature=0)), registry)
     r = plan.engine_request
-    assert (r.top_k, r.temperature) == (1, 1.0)
+    assert (r.temperature, r.top_k) == (0.0, 0)  # greedy, said as the API says it; engines translate
+    assert r.model == MODEL and r.stop_token_ids == (2,)
     other = plan_generation(request(), registry).engine_request
     assert r.seed != other.seed  # random per request unless the caller sets one
     seeded = plan_generation(request(sampling=pb.SamplingParameters(seed=7)), registry).engine_request
