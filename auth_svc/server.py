@@ -18,7 +18,7 @@ from auth_svc.store import KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2, auth_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor
-from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
+from cloudach.rpc.server import RunningService, run_service, start_grpc_server
 from cloudach.tokens import TokenSigner, TokenVerifier, load_or_create_private_key
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
 from cloudach.telemetry import client_interceptors
-from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
+from cloudach.rpc.server import RunningService, run_service, start_grpc_server
 from cloudach.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,10 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import time
-import uuid
 
 import grpc
 import jwt
-import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,34 +23,13 @@ from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.db import Database
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
-from cloudach.launcher.ports import free_ports
+from tools.launcher.ports import free_ports
 from cloudach.rpc.auth import auth_jwks_fetcher
 from cloudach.tokens import AUDIENCE, ISSUER, TokenSigner, TokenVerifier
 from inference_svc.server import running_inference
-from tests.conftest import API_KEY, auth_config, inference_config, run_cli
+from tests.integration.services import API_KEY, auth_config, inference_config, run_cli
 from tests.fakes import FakeEngine
 
-POSTGRES = os.environ.get("CLOUDACH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database(request, tmp_path):
-    """A fresh database of each kind. PostgreSQL must be there: a missing server fails, never skips."""
-    if request.param == "sqlite":
-        db = Database(f"sqlite:///{tmp_path / 'test.db'}")
-        yield db
-        await db.close()
-        return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    db = Database(f"{POSTGRES}?options=-csearch_path%3D{schema}")
-    try:
-        yield db
-    finally:
-        await db.close()
-        with psycopg.connect(POSTGRES, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_replicas_starting_at_once_apply_each_migration_exactly_once(database):

@@ -21,14 +21,13 @@ from billing_svc.server import running_billing
 from billing_svc.store import Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.probes import wait_http_ok
+from tools.launcher.ports import free_ports
+from tools.launcher.probes import wait_http_ok
 from edge.billing import UsageOutbox
 from inference_svc.server import running_inference
-from tests.conftest import (API_KEY, MODEL, SERVICE_KEY_FILE, billing_config, inference_config, run_cli,
-                            running_edge, service_token)
+from tests.integration.services import (API_KEY, MODEL, billing_config, inference_config, run_cli,
+                                        running_edge, service_key_file, service_token)
 from tests.fakes import FakeEngine
-from tests.integration.test_auth import database  # noqa: F401 - the SQLite and PostgreSQL fixture
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
 
@@ -139,7 +138,7 @@ async def test_records_in_the_outbox_survive_a_sigkilled_edge(registry, auth, tm
     async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
         env = {**os.environ, "CLOUDACH_PORT": str(edge_port), "CLOUDACH_INFERENCE_TARGET": inf.address,
                "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_BILLING_TARGET": f"127.0.0.1:{billing_port}",
-               "CLOUDACH_EDGE_OUTBOX_PATH": str(outbox_path), "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(SERVICE_KEY_FILE),
+               "CLOUDACH_EDGE_OUTBOX_PATH": str(outbox_path), "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(service_key_file()),
                "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S": "0.5"}
 
         def start_edge() -> subprocess.Popen:

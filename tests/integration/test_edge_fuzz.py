@@ -8,7 +8,7 @@ import random
 
 import aiohttp
 
-from tests.conftest import API_KEY, MODEL, edge_over_fake
+from tests.integration.services import API_KEY, MODEL, edge_over_fake
 from tests.fakes import FakeEngine
 
 VALID = {

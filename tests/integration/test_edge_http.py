@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from edge.schema import CREATE_CHAT_COMPLETION_REQUEST
-from tests.conftest import API_KEY, MODEL, edge_over_fake
+from tests.integration.services import API_KEY, MODEL, edge_over_fake
 from tests.fakes import FakeEngine
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -17,10 +17,10 @@ from openai import OpenAI, RateLimitError
 
 from auth_svc.server import running_auth
 from auth_svc.store import Limits
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.probes import wait_http_ok
+from tools.launcher.ports import free_ports
+from tools.launcher.probes import wait_http_ok
 from inference_svc.server import running_inference
-from tests.conftest import API_KEY, MODEL, auth_config, edge_over_fake, inference_config, running_edge
+from tests.integration.services import API_KEY, MODEL, auth_config, edge_over_fake, inference_config, running_edge
 from tests.fakes import FakeEngine
 
 REDIS = os.environ.get("CLOUDACH_TEST_REDIS", "redis://127.0.0.1:6379/0")

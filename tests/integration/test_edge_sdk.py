@@ -17,9 +17,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from cloudach.launcher.ports import free_ports
-from cloudach.launcher.probes import wait_serving
-from tests.conftest import API_KEY, MODEL, model_metrics, running_edge
+from tools.launcher.ports import free_ports
+from tools.launcher.probes import wait_serving
+from tests.integration.services import API_KEY, MODEL, model_metrics, running_edge
 
 pytestmark = pytest.mark.triton
 

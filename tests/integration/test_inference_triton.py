@@ -18,7 +18,7 @@ from inference_svc.generation import ROLES
 from inference_svc.server import running_inference
 from inference_svc.templates import Message, render_text
 from cloudach.paths import resolve_path
-from tests.conftest import MODEL, authed_channel, inference_config, launch_triton, model_metrics
+from tests.integration.services import MODEL, authed_channel, inference_config, launch_triton, model_metrics
 
 pytestmark = pytest.mark.triton
 

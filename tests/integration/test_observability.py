@@ -10,7 +10,7 @@ import pytest
 
 from auth_svc.store import Limits
 from inference_svc.server import running_inference
-from tests.conftest import MODEL, SPANS, inference_config, running_edge
+from tests.integration.services import MODEL, SPANS, inference_config, running_edge
 
 pytestmark = pytest.mark.triton
 PROMPT = "Tell me about lighthouses, secret-prompt-marker."

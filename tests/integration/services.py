@@ -1,0 +1,146 @@
+"""The real services in this process, on free loopback ports, for the integration tests: their
+settings, starters and helpers. The fixtures built from them are in conftest.py."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+
+import grpc
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from auth_svc.config import AuthConfig
+from billing_svc.config import BillingConfig
+from cloudach.rpc.auth import bearer_interceptors
+from edge.app import create_app
+from edge.config import EdgeConfig
+from inference_svc.config import InferenceConfig
+from inference_svc.server import running_inference
+from tests.conftest import MODEL
+from tools.launcher.triton import TritonServer, start_triton
+
+#: Every service in these tests runs in this process: one tracer provider records all their spans.
+SPANS = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_provider)
+
+#: imported into the session's auth_svc as its bootstrap admin key
+API_KEY = "ck-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
+__all__ = ["API_KEY", "MODEL", "SPANS"]
+
+
+def auth_config(tmp: pathlib.Path, **overrides) -> AuthConfig:
+    key_file = tmp / "admin-key"
+    if not key_file.exists():
+        key_file.write_text(API_KEY + "\n")
+    settings = dict(
+        listen_address="127.0.0.1:0", metrics_port=0, database_url=f"sqlite:///{tmp / 'auth.db'}",
+        signing_key_file=str(tmp / "signing-key.pem"), bootstrap_admin_key_file=str(key_file),
+    )
+    return AuthConfig(**{**settings, **overrides})
+
+
+def billing_config(tmp: pathlib.Path, auth, **overrides) -> BillingConfig:
+    settings = dict(listen_address="127.0.0.1:0", metrics_port=0, database_url=f"sqlite:///{tmp / 'billing.db'}",
+                    auth_target=auth.address)
+    return BillingConfig(**{**settings, **overrides})
+
+
+def inference_config(auth, **overrides) -> InferenceConfig:
+    return dataclasses.replace(
+        InferenceConfig(), listen_address="127.0.0.1:0", metrics_port=0, health_poll_s=0.2, auth_target=auth.address,
+        **overrides
+    )
+
+
+@functools.cache
+def service_key_file() -> pathlib.Path:
+    """The edge's own key for billing deliveries (the admin key, as in the local stack)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="cloudach-test-")) / "service-key"
+    path.write_text(API_KEY + "\n")
+    return path
+
+
+def edge_config(inference_address: str, auth_address: str, **overrides) -> EdgeConfig:
+    settings = dict(
+        inference_target=inference_address, auth_target=auth_address, billing_target="127.0.0.1:1",
+        outbox_path=str(pathlib.Path(tempfile.mkdtemp(prefix="cloudach-outbox-")) / "outbox.db"),
+        service_key_file=str(service_key_file()), outbox_max_backoff_s=0.5,
+    )
+    return EdgeConfig(**{**settings, **overrides})
+
+
+def service_token(auth, admin: bool = False) -> str:
+    return auth.signer.sign("key_test_service", {"org": "test", "adm": admin})[0]
+
+
+def authed_channel(address: str, auth) -> grpc.aio.Channel:
+    """A channel whose every call carries a valid internal token."""
+    return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(service_token(auth)))
+
+
+def launch_triton(tmp_path_factory) -> TritonServer:
+    log = pathlib.Path(tmp_path_factory.mktemp("triton")) / "tritonserver.log"
+    server = start_triton(log)
+    try:
+        server.wait_ready(["tensorrt_llm"], timeout_s=120)
+    except Exception:
+        server.kill()
+        raise
+    return server
+
+
+def model_metrics(server: TritonServer) -> dict[str, float]:
+    """The stand-in model's own counters, read from Triton's metrics port."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r"^(cloudach_model_\w+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if match:
+            outcome = re.search(r'outcome="(\w+)"', match.group(2) or "")
+            key = match.group(1) + (f":{outcome.group(1)}" if outcome else "")
+            found[key] = float(match.group(3))
+    return found
+
+
+@contextlib.asynccontextmanager
+async def running_edge(inference_address: str, auth_address: str, **overrides):
+    """The edge app on a free loopback port, as `python -m edge` runs it; yields its base URL."""
+    config = edge_config(inference_address, auth_address, **overrides)
+    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def edge_over_fake(engine, registry, auth, **edge_overrides):
+    """The edge in front of the real auth_svc and an inference_svc whose engine is the fake one."""
+    async with running_inference(inference_config(auth), engine=engine, registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, **edge_overrides) as url:
+            yield url
+
+
+def run_cli(*args: str, api_key: str = API_KEY) -> subprocess.CompletedProcess:
+    """The `cloudach` command in its own process, as a user runs it. (In this process it would
+    start a second event loop, and grpc.aio serves one event loop per process.)"""
+    return subprocess.run([sys.executable, "-m", "tools", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CLOUDACH_API_KEY": api_key})
