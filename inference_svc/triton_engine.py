@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +22,14 @@ import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from cloudach.errors import CloudachError, DeadlineExceeded, ResourceExhausted, Unavailable
+from cloudach.errors import CloudachError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from inference_svc.engine import EngineRequest
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("cloudach.inference_svc")
 
 _QUEUE_FULL_MARKERS = ("queue is full", "exceeds maximum queue size", "maximum queue size")
+_REFUSED = re.compile(r"invalid input '(\w+)'")
 
 
 def _tensor(name: str, value: np.ndarray, datatype: str) -> InferInput:
@@ -98,6 +100,10 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
 
 def _in_band_error(error: InferenceServerException) -> CloudachError:
     message = error.message()
+    refused = _REFUSED.search(message)
+    if refused:
+        # The model refused an input it names (our tensorrt_llm models' contract).
+        return InvalidArgument(message[refused.start():], param=refused.group(1))
     if any(marker in message.lower() for marker in _QUEUE_FULL_MARKERS):
         return ResourceExhausted("the model is at capacity; retry shortly", code="model_overloaded")
     return Unavailable(f"the model failed: {message}")

@@ -3,6 +3,7 @@ settings, starters and helpers. The fixtures built from them are in conftest.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import tempfile
 import urllib.request
 
 import grpc
+import numpy as np
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -144,3 +146,95 @@ def run_cli(*args: str, api_key: str = API_KEY) -> subprocess.CompletedProcess:
     start a second event loop, and grpc.aio serves one event loop per process.)"""
     return subprocess.run([sys.executable, "-m", "tools", *args], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "CLOUDACH_API_KEY": api_key})
+
+
+# -- our tensorrt_llm model, called directly ---------------------------------------------------
+
+_DATATYPES = {"seed": ("UINT64", np.uint64)}
+
+
+@dataclasses.dataclass
+class ModelStream:
+    """What one streamed request to the model gave: per sequence, its ids and log probs."""
+
+    sequences: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    log_probs: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+    top_log_probs: dict[int, list[tuple[list[int], list[float]]]] = dataclasses.field(default_factory=dict)
+    first_token_at: float | None = None
+    ended_at: float = 0.0
+    error: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.sequences.values())
+
+
+def _tensor(name: str, value) -> "InferInput":
+    from tritonclient.grpc import InferInput
+
+    if name in _DATATYPES:
+        datatype, dtype = _DATATYPES[name]
+    elif isinstance(value, bool):
+        datatype, dtype = "BOOL", np.bool_
+    elif isinstance(value, int):
+        datatype, dtype = "INT32", np.int32
+    elif isinstance(value, float):
+        datatype, dtype = "FP32", np.float32
+    else:
+        datatype, dtype = "BYTES", np.object_
+        value = value.encode() if isinstance(value, str) else value
+    array = np.array([[value]], dtype=dtype)
+    tensor = InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+async def stream_model(url: str, input_ids: list[int], request_id: str, cancel_after: int | None = None,
+                       **inputs) -> ModelStream:
+    """One streaming request to the `tensorrt_llm` model, its scalar inputs given by name."""
+    import time
+
+    import tritonclient.grpc.aio as triton
+    from tritonclient.grpc import InferInput
+
+    ids = InferInput("input_ids", [1, len(input_ids)], "INT32")
+    ids.set_data_from_numpy(np.array([input_ids], dtype=np.int32))
+    tensors = [ids, _tensor("input_lengths", len(input_ids)), _tensor("streaming", True),
+               *(_tensor(name, value) for name, value in inputs.items())]
+    result = ModelStream()
+    finished = asyncio.Event()
+
+    async def requests():
+        yield {"model_name": "tensorrt_llm", "inputs": tensors, "request_id": request_id}
+        await finished.wait()
+
+    async with triton.InferenceServerClient(url) as client:
+        responses = client.stream_infer(inputs_iterator=requests())
+        try:
+            async for response, error in responses:
+                if error is not None:
+                    result.error = error.message()
+                    break
+                out = response.as_numpy("output_ids")
+                index = int(response.as_numpy("sequence_index").reshape(-1)[0]) if out is not None else 0
+                new = [] if out is None else out.reshape(-1).tolist()
+                if new and result.first_token_at is None:
+                    result.first_token_at = time.monotonic()
+                result.sequences.setdefault(index, []).extend(new)
+                log_probs = response.as_numpy("output_log_probs")
+                if log_probs is not None:
+                    result.log_probs.setdefault(index, []).extend(log_probs.reshape(-1).tolist())
+                top_ids, top_lps = response.as_numpy("top_log_prob_ids"), response.as_numpy("top_log_probs")
+                if top_ids is not None:
+                    steps = top_ids.reshape(-1, top_ids.shape[-1]).tolist(), top_lps.reshape(-1, top_lps.shape[-1]).tolist()
+                    result.top_log_probs.setdefault(index, []).extend(zip(*steps))
+                if cancel_after is not None and result.tokens >= cancel_after:
+                    break
+                final = response.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+        finally:
+            finished.set()
+            responses.cancel()
+    result.ended_at = time.monotonic()
+    return result

@@ -1,0 +1,257 @@
+"""The Triton-facing half of our `tensorrt_llm` model, shared by the CPU and the GPU models.
+
+It reads and checks each request (request.py), keeps the registry of running requests (for
+`stop=true` and cancellation), hands work to a generator, turns what the generator produces into
+responses, and publishes the model's metrics. Only the generator differs between the models:
+llama.cpp batched decode on the CPU (llamacpp.py), TensorRT-LLM's LLM API on the GPU (llmapi.py).
+
+A generator calls back on the Job, from its own thread: emit() for each sequence's new tokens,
+finish() when a sequence ends, fail() if the request cannot go on. The Job sends the responses:
+one per step and sequence while streaming (with `sequence_index`), and the final flag once every
+sequence of the request has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from triton_model.request import GenerationRequest, Limits, Refused, is_stop, parse
+
+#: how a sequence ended (counted in cloudach_model_requests_total's outcome by the request's worst)
+COMPLETED, STOPPED, CANCELLED, ERROR = "completed", "stopped", "cancelled", "error"
+
+
+class QueueFull(Exception):
+    """The generator's bounded queue is full (inference_svc answers RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(slots=True)
+class Step:
+    """One sequence's new tokens, with their log probs when asked for."""
+
+    sequence_index: int
+    token_ids: list[int]
+    #: the chosen tokens' log probs
+    log_probs: list[float] | None = None
+    #: per token, the top alternatives: (ids, log probs), most likely first
+    top_log_probs: list[tuple[list[int], list[float]]] | None = None
+
+
+class Generator(Protocol):
+    limits: Limits
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raises Refused for what this generator cannot do (a guide that does not compile...)."""
+
+    def submit(self, job: Job) -> None:
+        """Takes the job; raises QueueFull when its bounded queue is full."""
+
+    def close(self) -> None: ...
+
+
+class Metrics:
+    """The model's own figures on Triton's metrics port (Triton's custom-metrics API)."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        def family(name: str, text: str, kind: Any) -> Any:
+            return pb_utils.MetricFamily(name=name, description=text, kind=kind)
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self._families = (
+            tokens := family("cloudach_model_generated_tokens_total", "Tokens generated", counter),
+            requests := family("cloudach_model_requests_total", "Requests finished, by outcome", counter),
+            active := family("cloudach_model_active_requests", "Requests generating right now", gauge),
+            sequences := family("cloudach_model_active_sequences", "Sequences decoding together right now", gauge),
+            queued := family("cloudach_model_queued_requests", "Requests waiting for a slot", gauge),
+            kv := family("cloudach_model_kv_cache_used_tokens", "KV-cache cells held by running requests", gauge),
+        )
+        labels = {"model": model}
+        self.tokens = tokens.Metric(labels=labels)
+        self.outcomes = {o: requests.Metric(labels={**labels, "outcome": o}) for o in (COMPLETED, STOPPED, CANCELLED, ERROR)}
+        self.active_requests = active.Metric(labels=labels)
+        self.active_sequences = sequences.Metric(labels=labels)
+        self.queued = queued.Metric(labels=labels)
+        self.kv_used = kv.Metric(labels=labels)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through a generator; the generator's thread calls it back."""
+
+    request: GenerationRequest
+    triton_request: Any
+    sender: Any
+    pb_utils: Any
+    metrics: Metrics
+    on_done: Any = None
+    stopped: threading.Event = field(default_factory=threading.Event)
+    _open: set[int] = field(default_factory=set)
+    _generated: list[int] = field(default_factory=list)
+    _held: dict[int, list[Step]] = field(default_factory=dict)
+    _outcome: str = COMPLETED
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._open = set(range(self.request.num_sequences))
+        self._generated = [0] * self.request.num_sequences
+
+    def cancelled(self) -> bool:
+        """The caller went away, or a `stop=true` request named this one."""
+        return self.stopped.is_set() or self.triton_request.is_cancelled()
+
+    def generated(self, sequence_index: int) -> int:
+        return self._generated[sequence_index]
+
+    def emit(self, step: Step) -> None:
+        self._generated[step.sequence_index] += len(step.token_ids)
+        self.metrics.tokens.increment(len(step.token_ids))
+        if self.request.streaming:
+            self.sender.send(self._response([step]))
+        else:
+            self._held.setdefault(step.sequence_index, []).append(step)
+
+    def finish(self, sequence_index: int, outcome: str = COMPLETED) -> None:
+        """Sequence sequence_index has ended; once all have, the request's last response goes."""
+        with self._lock:
+            self._open.discard(sequence_index)
+            if outcome != COMPLETED and self._outcome == COMPLETED:
+                self._outcome = outcome
+            last = not self._open
+        if not last:
+            return
+        if self._outcome == CANCELLED:
+            self.sender.send(flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        elif self.request.streaming:
+            self.sender.send(self._response([]), flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            self._send_held()
+        self._done(self._outcome)
+
+    def fail(self, message: str) -> None:
+        """Ends the request with an error response (no more responses after it)."""
+        with self._lock:
+            if not self._open:
+                return
+            self._open.clear()
+        error = self.pb_utils.TritonError(message)
+        self.sender.send(self.pb_utils.InferenceResponse(output_tensors=[], error=error),
+                         flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._done(ERROR)
+
+    def _done(self, outcome: str) -> None:
+        self.metrics.outcomes[outcome].increment(1)
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def _send_held(self) -> None:
+        """Non-streaming: one response per sequence, the whole completion (and prompt, unless excluded)."""
+        final = self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for index in range(self.request.num_sequences):
+            steps = self._held.get(index, [])
+            merged = Step(index, [t for s in steps for t in s.token_ids])
+            if self.request.return_log_probs:
+                merged.log_probs = [p for s in steps for p in s.log_probs or ()]
+                merged.top_log_probs = [t for s in steps for t in s.top_log_probs or ()]
+            prompt = [] if self.request.exclude_input else self.request.input_ids
+            last = index == self.request.num_sequences - 1
+            self.sender.send(self._response([merged], prompt), flags=final if last else 0)
+
+    def _response(self, steps: Sequence[Step], prompt: Sequence[int] = ()) -> Any:
+        tensor = self.pb_utils.Tensor
+        step = steps[0] if steps else Step(0, [])
+        ids = [*prompt, *step.token_ids]
+        tensors = [
+            tensor("output_ids", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
+            tensor("sequence_length", np.array([[len(prompt) + self._generated[step.sequence_index]]], dtype=np.int32)),
+            tensor("sequence_index", np.array([[step.sequence_index]], dtype=np.int32)),
+        ]
+        if self.request.return_log_probs and step.log_probs is not None:
+            tensors.append(tensor("output_log_probs", np.array(step.log_probs, dtype=np.float32).reshape(1, 1, -1)))
+            tensors.append(tensor("cum_log_probs", np.array([[sum(step.log_probs)]], dtype=np.float32)))
+        if self.request.top_log_probs and step.top_log_probs:
+            k = self.request.top_log_probs
+            top_ids = np.array([ids_ for ids_, _ in step.top_log_probs], dtype=np.int32).reshape(1, -1, k)
+            top_lps = np.array([lps for _, lps in step.top_log_probs], dtype=np.float32).reshape(1, -1, k)
+            tensors += [tensor("top_log_prob_ids", top_ids), tensor("top_log_probs", top_lps)]
+        if self.request.return_num_input_tokens:
+            tensors.append(tensor("num_input_tokens", np.array([[len(self.request.input_ids)]], dtype=np.int32)))
+        if self.request.return_num_output_tokens:
+            tensors.append(tensor("num_output_tokens", np.array([[self._generated[step.sequence_index]]], dtype=np.int32)))
+        return self.pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class TritonInputs:
+    """A Triton request's inputs as request.py reads them."""
+
+    def __init__(self, pb_utils: Any, request: Any) -> None:
+        self._pb_utils, self._request = pb_utils, request
+
+    def get(self, name: str) -> np.ndarray | None:
+        tensor = self._pb_utils.get_input_tensor_by_name(self._request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+
+class ModelServer:
+    """What a Triton Python model's execute() does, over any generator."""
+
+    def __init__(self, pb_utils: Any, generator: Generator, metrics: Metrics) -> None:
+        self.pb_utils = pb_utils
+        self.generator = generator
+        self.metrics = metrics
+        self._running: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def execute(self, requests: Sequence[Any]) -> None:
+        final = self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for triton_request in requests:
+            sender = triton_request.get_response_sender()
+            inputs = TritonInputs(self.pb_utils, triton_request)
+            request_id = triton_request.request_id()
+            try:
+                if is_stop(inputs):
+                    with self._lock:
+                        running = self._running.get(request_id)
+                    if running is not None:
+                        running.stopped.set()
+                    sender.send(self.pb_utils.InferenceResponse(output_tensors=[]), flags=final)
+                    continue
+                request = parse(request_id, inputs, self.generator.limits)
+                self.generator.check(request)
+                job = Job(request, triton_request, sender, self.pb_utils, self.metrics, on_done=self._forget)
+                if request_id:
+                    with self._lock:
+                        self._running[request_id] = job
+                try:
+                    self.generator.submit(job)
+                except QueueFull:
+                    self._forget(job)
+                    raise
+            except Refused as refusal:
+                self._refuse(sender, str(refusal))
+            except QueueFull:
+                self._refuse(sender, "the model's queue is full: retry later")
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            if self._running.get(job.request.request_id) is job:
+                del self._running[job.request.request_id]
+
+    def _refuse(self, sender: Any, message: str) -> None:
+        error = self.pb_utils.TritonError(message)
+        sender.send(self.pb_utils.InferenceResponse(output_tensors=[], error=error),
+                    flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def close(self) -> None:
+        self.generator.close()
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The string parameters of a model's config.pbtxt, from Triton's initialize() args."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
