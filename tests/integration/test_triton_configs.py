@@ -1,5 +1,6 @@
 """Both model repositories parse with Triton's own ModelConfig, and share one interface."""
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -36,14 +37,42 @@ def test_the_stand_ins_have_exactly_the_production_models_inputs_and_outputs(rep
     assert stand_in.max_batch_size == production.max_batch_size
 
 
-def test_production_uses_in_flight_batching_with_kv_cache_reuse_and_cancellation_polling():
+def test_production_runs_the_llm_api_with_kv_cache_reuse_llguidance_and_cancellation_polling():
+    from triton_model.llmapi import LlmApiSettings
+
     production = parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt")
     params = {k: v.string_value for k, v in production.parameters.items()}
-    assert production.backend == "tensorrtllm"
-    assert params["gpt_model_type"] == "inflight_fused_batching"
-    assert params["enable_kv_cache_reuse"] == "true"
-    assert params["exclude_input_in_output"] == "true"
-    assert int(params["cancellation_check_period_ms"]) <= 100
+    assert production.backend == "python"
+    settings = LlmApiSettings.from_parameters(params)
+    assert settings.enable_kv_cache_reuse and settings.enable_chunked_context
+    assert settings.guided_decoding_backend == "llguidance"  # the grammar engine the CPU model uses
+    assert settings.cancellation_check_period_ms <= 100
+    assert (settings.vocab_size, settings.max_seq_len) == (128256, 8192)
+
+
+def test_the_production_model_imports_without_a_gpu_and_asks_tensorrt_llm_for_the_contract():
+    import importlib.util
+    import sys
+
+    from tests.unit.model import triton_fakes
+    from triton_model.llmapi import guide, sampling_params
+    from triton_model.request import GenerationRequest, Sampling
+
+    sys.modules.setdefault("triton_python_backend_utils", triton_fakes)
+    spec = importlib.util.spec_from_file_location("production_model", TRITON / "trtllm" / "tensorrt_llm" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert hasattr(module.TritonPythonModel, "execute")
+    request = GenerationRequest(
+        request_id="r", input_ids=[1, 2], max_new_tokens=9, end_id=128009, stop_words=((128001,), (128008,)),
+        streaming=True, exclude_input=True, num_sequences=3, return_log_probs=True, top_log_probs=4,
+        guide_type="json_schema", guide='{"type": "object"}', sampling=Sampling(temperature=0.7, top_p=0.9, seed=5))
+    kwargs = sampling_params(request)
+    assert kwargs["n"] == 3 and kwargs["logprobs"] == 4 and kwargs["end_id"] == 128009 and not kwargs["detokenize"]
+    assert kwargs["stop_token_ids"] == [128001, 128008] and kwargs["top_p"] == 0.9 and kwargs["seed"] == 5
+    assert guide(request) == {"json": '{"type": "object"}'}
+    greedy = sampling_params(dataclasses.replace(request, sampling=Sampling(temperature=0.0)))
+    assert (greedy["top_k"], greedy["temperature"], greedy["top_p"]) == (1, None, None)
 
 
 def test_inference_svc_only_sends_inputs_the_model_declares():

@@ -2,8 +2,9 @@
 that imports it back (function-level imports included, so a cycle cannot hide in one).
 
   tools, bench           the `cloudach` command, the launcher, benchmarks
-  edge, inference_svc,   the services: each imports the library and itself, never another
-  auth_svc, billing_svc
+  edge, inference_svc,   the services, and triton_model (our Triton model): each imports the
+  auth_svc, billing_svc, library and itself, never another
+  triton_model
   cloudach               the library (and the generated stubs): imports nothing above it
 """
 
@@ -14,7 +15,7 @@ import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 LIBRARY = "cloudach"
-SERVICES = ("edge", "inference_svc", "auth_svc", "billing_svc")
+SERVICES = ("edge", "inference_svc", "auth_svc", "billing_svc", "triton_model")
 TOOLS = ("tools", "bench")
 GENERATED = ("cloudach.inference", "cloudach.auth", "cloudach.billing")
 
