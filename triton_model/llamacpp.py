@@ -3,14 +3,17 @@
 One worker thread owns the llama.cpp context. Each request takes one sequence slot per returned
 sequence (a bounded number in all) and reserves its KV-cache cells; it joins the batch at the next
 step and leaves it the step it ends, freeing its cells. Each step decodes one token of every
-running sequence together with a chunk of the prompts being prefilled, so a long prompt never
-freezes the streams already running. n sequences share their prompt's cells (llama.cpp copies a
-sequence's cells by reference). Guided decoding uses llguidance, a grammar engine TensorRT-LLM
+running sequence together with one block of each prompt being prefilled (a few prompts a step),
+so a long prompt never freezes the streams already running. n sequences share their prompt's
+cells (llama.cpp copies a sequence's cells by reference), and whole blocks of recent prompts are
+kept for later prompts that start the same way (prefix_cache.py). Guided decoding uses llguidance, a grammar engine TensorRT-LLM
 offers too, so a guide accepted here is accepted in production.
 
-Reproducibility: a request decoded alone with a seed gives the same tokens every time. Decoded
-in a batch, its floating-point sums run in another order, and a near-tie between two tokens can
-go the other way: the same seed may then give another text.
+Reproducibility: a request decoded alone with a seed gives the same tokens every time, whether
+its prompt's blocks were evaluated or reused (a block is always evaluated alone, aligned, so a
+kept one holds the same values). Decoded in a batch, its floating-point sums run in another
+order, and a near-tie between two tokens can go the other way: the same seed may then give
+another text.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import llama_cpp as L
 import numpy as np
 
+from triton_model.prefix_cache import PrefixCache
 from triton_model.request import GenerationRequest, Limits, invalid
 from triton_model.sampler import TokenSampler
 from triton_model.serving import CANCELLED, COMPLETED, STOPPED, Job, Metrics, QueueFull, Step
@@ -72,16 +76,17 @@ def _silence_llama_logs() -> None:
 class LlamaCppGenerator:
     def __init__(self, gguf_path: str, *, metrics: Metrics, max_sequence_tokens: int = 2048,
                  kv_cache_tokens: int = 16384, max_sequences: int = 16, max_return_sequences: int = 8,
-                 prefill_chunk_tokens: int = 128, max_queue: int = 64, n_threads: int = 2) -> None:
+                 prefill_chunk_tokens: int = 32, prefills_per_step: int = 4, prefix_cache_tokens: int = 4096,
+                 prefix_cache_entries: int = 8, max_queue: int = 64, n_threads: int = 2) -> None:
         _silence_llama_logs()
         L.llama_backend_init()
         self._model = L.llama_model_load_from_file(gguf_path.encode(), L.llama_model_default_params())
         if not self._model:
             raise RuntimeError(f"cannot load {gguf_path}")
         params = L.llama_context_default_params()
-        params.n_ctx = kv_cache_tokens
-        params.n_batch = params.n_ubatch = max(prefill_chunk_tokens + max_sequences, 64)
-        params.n_seq_max = max_sequences
+        params.n_ctx = kv_cache_tokens + prefix_cache_tokens
+        params.n_batch = params.n_ubatch = max_sequences + prefills_per_step * prefill_chunk_tokens
+        params.n_seq_max = max_sequences + prefix_cache_entries
         params.n_threads = params.n_threads_batch = n_threads
         params.kv_unified = True  # one pool of cells for every sequence; shared prompts stored once
         self._ctx = L.llama_init_from_model(self._model, params)
@@ -93,9 +98,11 @@ class LlamaCppGenerator:
         self.limits = Limits(n_vocab=self.n_vocab, max_sequence_tokens=max_sequence_tokens,
                              max_return_sequences=min(max_return_sequences, max_sequences),
                              kv_cache_tokens=kv_cache_tokens)
-        self._batch = L.llama_batch_init(params.n_batch, 0, max_sequences)
-        self._batch_size = params.n_batch
+        self._batch = L.llama_batch_init(params.n_batch, 0, params.n_seq_max)
         self._chunk = prefill_chunk_tokens
+        self._prefills_per_step = prefills_per_step
+        self._prefixes = PrefixCache(range(max_sequences, max_sequences + prefix_cache_entries), prefix_cache_tokens,
+                                     prefill_chunk_tokens, forget=lambda seq: L.llama_memory_seq_rm(self._memory, seq, -1, -1))
         self._free_slots = list(range(max_sequences))
         self._kv_free = kv_cache_tokens
         self._queue: collections.deque[Job] = collections.deque()
@@ -181,6 +188,8 @@ class LlamaCppGenerator:
                     self._end(running, error=f"generation failed: {error}")
         for running in list(self._running):
             self._end(running, error="the model is shutting down")
+        while self._queue:
+            self._queue.popleft().fail("the model is shutting down")
 
     def _admit(self) -> None:
         """Moves queued jobs into free slots, first come first served, while cells and slots last."""
@@ -203,7 +212,14 @@ class LlamaCppGenerator:
                 _Sequence(i, slot, self._sampler(request, i), position=len(request.input_ids))
                 for i, slot in enumerate(slots)
             ]
-            self._running.append(_Running(job, sequences, request.kv_tokens_needed))
+            running = _Running(job, sequences, request.kv_tokens_needed)
+            hit = self._prefixes.lookup(request.input_ids)
+            if hit is not None:  # the prompt's first blocks are kept: start after them
+                L.llama_memory_seq_cp(self._memory, hit.sequence_id, sequences[0].slot, 0, hit.tokens)
+                running.prefilled = hit.tokens
+                self._metrics.cached_prompt_tokens.increment(hit.tokens)
+            self._metrics.prompt_tokens.increment(len(request.input_ids))
+            self._running.append(running)
         self._publish()
 
     def _sampler(self, request: GenerationRequest, index: int) -> TokenSampler:
@@ -238,19 +254,15 @@ class LlamaCppGenerator:
                     seq.position += 1
                     seq.pending = None
         completed_prompts = []
-        budget = min(self._chunk, self._batch_size - n)
-        for running in self._running:
-            if budget <= 0:
-                break
-            if not running.prefilling:
-                continue
+        prefilling = [r for r in self._running if r.prefilling][: self._prefills_per_step]
+        for running in prefilling:
+            # One aligned block per prompt and step: a block is evaluated the same way every time.
             ids = running.request.input_ids
             start = running.prefilled
-            end = min(len(ids), start + budget)
+            end = min(len(ids), start + self._chunk)
             first = running.sequences[0]
             for position in range(start, end):
                 row = add(ids[position], position, first.slot, position == len(ids) - 1)
-            budget -= end - start
             running.prefilled = end
             if not running.prefilling:
                 completed_prompts.append((running, row))
@@ -262,6 +274,8 @@ class LlamaCppGenerator:
             raise RuntimeError(f"llama_decode returned {status}")
         for running, row in completed_prompts:
             first = running.sequences[0]
+            self._prefixes.keep(running.request.input_ids,
+                                lambda kept, tokens: L.llama_memory_seq_cp(self._memory, first.slot, kept, 0, tokens))
             for seq in running.sequences:
                 if seq is not first:
                     L.llama_memory_seq_cp(self._memory, first.slot, seq.slot, -1, -1)

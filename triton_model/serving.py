@@ -70,6 +70,9 @@ class Metrics:
             sequences := family("cloudach_model_active_sequences", "Sequences decoding together right now", gauge),
             queued := family("cloudach_model_queued_requests", "Requests waiting for a slot", gauge),
             kv := family("cloudach_model_kv_cache_used_tokens", "KV-cache cells held by running requests", gauge),
+            prompt := family("cloudach_model_prompt_tokens_total", "Prompt tokens of the requests started", counter),
+            cached := family("cloudach_model_cached_prompt_tokens_total",
+                             "Prompt tokens whose KV cells were reused, not evaluated", counter),
         )
         labels = {"model": model}
         self.tokens = tokens.Metric(labels=labels)
@@ -78,6 +81,8 @@ class Metrics:
         self.active_sequences = sequences.Metric(labels=labels)
         self.queued = queued.Metric(labels=labels)
         self.kv_used = kv.Metric(labels=labels)
+        self.prompt_tokens = prompt.Metric(labels=labels)
+        self.cached_prompt_tokens = cached.Metric(labels=labels)
 
 
 @dataclass(eq=False)

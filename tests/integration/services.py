@@ -169,7 +169,7 @@ class ModelStream:
         return sum(len(ids) for ids in self.sequences.values())
 
 
-def _tensor(name: str, value) -> "InferInput":
+def _tensor(name: str, value):
     from tritonclient.grpc import InferInput
 
     if name in _DATATYPES:

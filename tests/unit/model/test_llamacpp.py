@@ -109,3 +109,14 @@ def test_without_streaming_one_response_carries_the_prompt_and_the_completion(se
     [response] = whole.sender.responses
     out = response.tensors["output_ids"].reshape(-1).tolist()
     assert out[: len(prompt)] == prompt and len(out) == len(prompt) + 6
+
+
+def test_a_reused_prompt_prefix_gives_the_same_tokens_as_evaluating_it(server, ids):
+    story = ids("Here is the start of a story about a lighthouse keeper, a storm at sea, and a message in a "
+                "bottle that washed up on the rocks one cold morning. Continue it.")
+    assert len(story) > 64
+    reused_before = server.metrics.cached_prompt_tokens.value
+    cold = run(server, make("cold", story, 24, seed=np.uint64(7)))[0]  # evaluated block by block, then kept
+    warm = run(server, make("warm", story, 24, seed=np.uint64(7)))[0]  # its whole blocks reused
+    assert server.metrics.cached_prompt_tokens.value - reused_before == (len(story) - 1) // 32 * 32
+    assert warm.sender.sequences() == cold.sender.sequences()

@@ -26,7 +26,8 @@ class TritonPythonModel:
             kv_cache_tokens=int(params.get("kv_cache_tokens", "16384")),
             max_sequences=int(params.get("max_sequences", "16")),
             max_return_sequences=int(params.get("max_return_sequences", "8")),
-            prefill_chunk_tokens=int(params.get("prefill_chunk_tokens", "128")),
+            prefill_chunk_tokens=int(params.get("prefill_chunk_tokens", "32")),
+            prefix_cache_tokens=int(params.get("prefix_cache_tokens", "4096")),
             max_queue=int(params.get("max_queue_size", "64")),
             n_threads=int(params.get("n_threads", "0")) or (os.cpu_count() or 1),
         )
