@@ -12,13 +12,14 @@ import time
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmark the platform on this machine (starts its own stacks)")
-    bench.add_argument("scenario", choices=("overhead", "relay", "real", "all"), nargs="?", default="all")
+    bench.add_argument("scenario", choices=("overhead", "relay", "real", "guided", "all"), nargs="?", default="all")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     bench.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     bench.add_argument("--rate", type=float, default=100.0,
                        help="the synthetic model's tokens/s per stream in the overhead scenario (default 100)")
     bench.add_argument("--relay-concurrency", default="100,500,1000,2000")
     bench.add_argument("--real-concurrency", default="1,4,16")
+    bench.add_argument("--guided-concurrency", default="1,8")
     bench.add_argument("--no-llama-server", action="store_true", help="skip the llama_cpp.server baseline")
     bench.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
 
@@ -30,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
         duration_s=args.duration, max_tokens=args.max_tokens, tokens_per_s=args.rate,
         relay_concurrency=tuple(int(c) for c in args.relay_concurrency.split(",")),
         real_concurrency=tuple(int(c) for c in args.real_concurrency.split(",")),
+        guided_concurrency=tuple(int(c) for c in args.guided_concurrency.split(",")),
     )
-    chosen = ("overhead", "relay", "real") if args.scenario == "all" else (args.scenario,)
+    chosen = ("overhead", "relay", "real", "guided") if args.scenario == "all" else (args.scenario,)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "platform": platform.platform()},
@@ -43,10 +45,13 @@ def run(args: argparse.Namespace) -> int:
             rows = scenarios.overhead(options)
         elif name == "relay":
             rows = scenarios.relay(options)
+        elif name == "guided":
+            rows = scenarios.guided(options)
         else:
             rows = scenarios.real_model(options, not args.no_llama_server)
         document["scenarios"][name] = rows
-        processes = [*scenarios.STACK, "bench client"] if name != "real" else ["tritonserver", "edge", "llama_cpp.server"]
+        processes = {"real": ["tritonserver", "edge", "llama_cpp.server"], "guided": ["tritonserver"]}.get(
+            name, [*scenarios.STACK, "bench client"])
         table = report.markdown(rows, processes)
         markdown.append(f"## {name}\n\n{table}\n")
         print(table, flush=True)

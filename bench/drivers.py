@@ -210,3 +210,78 @@ class TritonDriver:
             return StreamResult(ok=False, error=type(failure).__name__)
         clock.result.ok = True
         return clock.result
+
+
+#: inputs whose type the Python value does not say
+_MODEL_INPUT_TYPES = {"seed": "UINT64"}
+
+
+def model_inputs(input_ids: list[int], **scalars) -> list:
+    """The `tensorrt_llm` model's input tensors: the prompt, then scalars by name (str: BYTES,
+    bool: BOOL, int: INT32, float: FP32), each with the leading batch dimension."""
+    import numpy as np
+    from tritonclient.grpc import InferInput
+
+    def tensor(name: str, value: np.ndarray, kind: str) -> InferInput:
+        made = InferInput(name, list(value.shape), kind)
+        made.set_data_from_numpy(value)
+        return made
+
+    tensors = [tensor("input_ids", np.array([input_ids], np.int32), "INT32"),
+               tensor("input_lengths", np.array([[len(input_ids)]], np.int32), "INT32")]
+    for name, value in scalars.items():
+        kind = _MODEL_INPUT_TYPES.get(name) or ("BYTES" if isinstance(value, str) else "BOOL" if isinstance(value, bool)
+                                                else "INT32" if isinstance(value, int) else "FP32")
+        dtype = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64}[kind]
+        tensors.append(tensor(name, np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype), kind))
+    return tensors
+
+
+class ModelDriver:
+    """Our `tensorrt_llm` model called directly with extra inputs (a guide, n...): what the model
+    itself does with them, nothing above it."""
+
+    def __init__(self, url: str, name: str, inputs: dict | None = None, model: str = MODEL) -> None:
+        self.url, self.name, self.inputs, self.model = url, name, dict(inputs or {}), model
+        self.ids = itertools.count()
+
+    async def open(self) -> None:
+        import tritonclient.grpc.aio as triton
+
+        from inference_svc.config import InferenceConfig
+        from inference_svc.registry import load_registry
+        from inference_svc.templates import Message
+
+        spec = load_registry(InferenceConfig().models_file).get(self.model)
+        self.encode = lambda prompt: spec.encode_chat([Message("user", prompt)])
+        self.end_id = min(spec.stop_token_ids)
+        self.client = triton.InferenceServerClient(self.url)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
+        finished = asyncio.Event()
+        tensors = model_inputs(self.encode(prompt), request_output_len=max_tokens, end_id=self.end_id,
+                               streaming=True, **self.inputs)
+
+        async def requests():
+            yield {"model_name": "tensorrt_llm", "inputs": tensors, "request_id": f"bench-{next(self.ids)}"}
+            await finished.wait()
+
+        clock = _Clock()
+        responses = self.client.stream_infer(inputs_iterator=requests())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    return StreamResult(ok=False, error=error.message()[:80])
+                ids = result.as_numpy("output_ids")
+                clock.tokens(0 if ids is None else ids.size)
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+        finally:
+            finished.set()
+            responses.cancel()
+        clock.result.ok = True
+        return clock.result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from bench.drivers import Driver, HttpDriver, InferenceDriver, TritonDriver
+from bench.drivers import Driver, HttpDriver, InferenceDriver, ModelDriver, TritonDriver
 from bench.load import run_load
 from bench.report import summarize
 from bench.stack import CPU, SYNTHETIC, BenchStack, bench_stack
@@ -22,6 +22,7 @@ class Options:
     tokens_per_s: float = 100.0
     relay_concurrency: tuple[int, ...] = (100, 500, 1000, 2000)
     real_concurrency: tuple[int, ...] = (1, 4, 16)
+    guided_concurrency: tuple[int, ...] = (1, 8)
 
 
 async def _measure(driver: Driver, label: str, concurrency: int, options: Options, pids: dict[str, int],
@@ -74,4 +75,22 @@ def real_model(options: Options, with_llama_server: bool = True) -> list[dict]:
             for concurrency in options.real_concurrency:
                 rows.append(asyncio.run(_measure(HttpDriver(url, "none", model="smollm2"), "llama_cpp.server",
                                                  concurrency, options, {"llama_cpp.server": pid})))
+    return rows
+
+
+#: a JSON object the CPU model can fill in many ways (what a structured-output request asks)
+GUIDE_SCHEMA = ('{"type": "object", "properties": {"title": {"type": "string"}, "lines": {"type": "array", '
+                '"items": {"type": "string"}}}, "required": ["title", "lines"]}')
+
+
+def guided(options: Options) -> list[dict]:
+    """The CPU model itself, sampling freely and under a json_schema guide, side by side."""
+    rows = []
+    with bench_stack(CPU) as stack:
+        for concurrency in options.guided_concurrency:
+            for name, inputs in (("model, unconstrained", {}),
+                                 ("model, json_schema", {"guided_decoding_guide_type": "json_schema",
+                                                         "guided_decoding_guide": GUIDE_SCHEMA})):
+                driver = ModelDriver(stack.triton_grpc, name, {"temperature": 1.0, **inputs})
+                rows.append(asyncio.run(_measure(driver, name, concurrency, options, stack.pids)))
     return rows

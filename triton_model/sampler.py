@@ -50,6 +50,9 @@ class TokenSampler:
         self.top_log_probs = top_log_probs
         self.log_probs = log_probs or top_log_probs > 0
         self._chain = _chain(sampling, random.getrandbits(32) if seed is None else seed)
+        # Greedy without penalties is the largest logit: no need to hand the vocabulary to llama.cpp.
+        self._argmax = sampling.greedy and (sampling.repetition_penalty, sampling.frequency_penalty,
+                                            sampling.presence_penalty) == (1.0, 0.0, 0.0)
         self._candidates = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._array = L.llama_token_data_array(
@@ -72,6 +75,18 @@ class TokenSampler:
         if self.matcher is not None:
             self._fill(self.matcher, self._mask, 0)
             self._apply(x, self._mask)
+        if self._argmax:
+            token = int(np.argmax(x))
+        else:
+            token = self._draw(x)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+        if not self.log_probs:
+            return token, None, None
+        return token, *self._log_probs(x, token)
+
+    def _draw(self, x: np.ndarray) -> int:
+        """llama.cpp's chain over the candidates: penalties (with their history), cuts, the draw."""
         n = x.shape[0]
         self._candidates["id"] = self._ids
         self._candidates["logit"] = x
@@ -80,10 +95,9 @@ class TokenSampler:
         L.llama_sampler_apply(self._chain, ctypes.byref(self._array))
         token = int(self._array.data[self._array.selected].id)
         L.llama_sampler_accept(self._chain, token)
-        if self.matcher is not None:
-            self.matcher.consume_token(token)
-        if not self.log_probs:
-            return token, None, None
+        return token
+
+    def _log_probs(self, x: np.ndarray, token: int) -> tuple[float, tuple[list[int], list[float]] | None]:
         top = x.max()
         log_z = top + np.log(np.sum(np.exp(x - top, dtype=np.float64)))
         chosen = float(x[token] - log_z)
@@ -93,7 +107,7 @@ class TokenSampler:
             best = np.argpartition(-x, k)[:k]
             best = best[np.argsort(-x[best], kind="stable")]
             alternatives = (best.astype(int).tolist(), (x[best] - log_z).astype(float).tolist())
-        return token, chosen, alternatives
+        return chosen, alternatives
 
     @property
     def guide_finished(self) -> bool:

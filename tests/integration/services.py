@@ -16,7 +16,6 @@ import tempfile
 import urllib.request
 
 import grpc
-import numpy as np
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -24,6 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from auth_svc.config import AuthConfig
+from bench.drivers import model_inputs
 from billing_svc.config import BillingConfig
 from cloudach.rpc.auth import bearer_interceptors
 from edge.app import create_app
@@ -150,9 +150,6 @@ def run_cli(*args: str, api_key: str = API_KEY) -> subprocess.CompletedProcess:
 
 # -- our tensorrt_llm model, called directly ---------------------------------------------------
 
-_DATATYPES = {"seed": ("UINT64", np.uint64)}
-
-
 @dataclasses.dataclass
 class ModelStream:
     """What one streamed request to the model gave: per sequence, its ids and log probs."""
@@ -169,38 +166,14 @@ class ModelStream:
         return sum(len(ids) for ids in self.sequences.values())
 
 
-def _tensor(name: str, value):
-    from tritonclient.grpc import InferInput
-
-    if name in _DATATYPES:
-        datatype, dtype = _DATATYPES[name]
-    elif isinstance(value, bool):
-        datatype, dtype = "BOOL", np.bool_
-    elif isinstance(value, int):
-        datatype, dtype = "INT32", np.int32
-    elif isinstance(value, float):
-        datatype, dtype = "FP32", np.float32
-    else:
-        datatype, dtype = "BYTES", np.object_
-        value = value.encode() if isinstance(value, str) else value
-    array = np.array([[value]], dtype=dtype)
-    tensor = InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array)
-    return tensor
-
-
 async def stream_model(url: str, input_ids: list[int], request_id: str, cancel_after: int | None = None,
                        **inputs) -> ModelStream:
     """One streaming request to the `tensorrt_llm` model, its scalar inputs given by name."""
     import time
 
     import tritonclient.grpc.aio as triton
-    from tritonclient.grpc import InferInput
 
-    ids = InferInput("input_ids", [1, len(input_ids)], "INT32")
-    ids.set_data_from_numpy(np.array([input_ids], dtype=np.int32))
-    tensors = [ids, _tensor("input_lengths", len(input_ids)), _tensor("streaming", True),
-               *(_tensor(name, value) for name, value in inputs.items())]
+    tensors = model_inputs(input_ids, streaming=True, **inputs)
     result = ModelStream()
     finished = asyncio.Event()
 
@@ -238,3 +211,11 @@ async def stream_model(url: str, input_ids: list[int], request_id: str, cancel_a
             responses.cancel()
     result.ended_at = time.monotonic()
     return result
+
+
+async def model_idle(server: TritonServer, timeout_s: float = 10.0) -> None:
+    """Waits until the model runs no request (one cancelled just before may still be ending): a
+    request decoded alone gives the same tokens every time, one batched with others may not."""
+    async with asyncio.timeout(timeout_s):
+        while (await asyncio.to_thread(model_metrics, server)).get("cloudach_model_active_requests", 0) > 0:
+            await asyncio.sleep(0.02)

@@ -19,7 +19,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from tools.launcher.ports import free_ports
 from tools.launcher.probes import wait_serving
-from tests.integration.services import API_KEY, MODEL, model_metrics, running_edge
+from tests.integration.services import API_KEY, MODEL, model_idle, model_metrics, running_edge
 
 pytestmark = pytest.mark.triton
 
@@ -67,8 +67,10 @@ def collect_full_response(url: str, **kw) -> str:
     return "".join(chunks)
 
 
-async def test_the_collected_stream_equals_the_non_streamed_answer(edge_url):
+async def test_the_collected_stream_equals_the_non_streamed_answer(edge_url, triton):
+    await model_idle(triton)  # each request decoded alone, so greedy decoding gives the same text
     streamed = await asyncio.to_thread(collect_full_response, edge_url, temperature=0, max_tokens=40)
+    await model_idle(triton)
     completion = await asyncio.to_thread(
         lambda: client(edge_url).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Explain recursion briefly."}], temperature=0, max_tokens=40
