@@ -9,6 +9,7 @@ byte checks per event, one JSON parse for the usage chunk) so that the client is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -261,27 +262,37 @@ class ModelDriver:
         await self.client.close()
 
     async def stream(self, prompt: str, max_tokens: int) -> StreamResult:
-        finished = asyncio.Event()
         tensors = model_inputs(self.encode(prompt), request_output_len=max_tokens, end_id=self.end_id,
                                streaming=True, **self.inputs)
-
-        async def requests():
-            yield {"model_name": "tensorrt_llm", "inputs": tensors, "request_id": f"bench-{next(self.ids)}"}
-            await finished.wait()
-
         clock = _Clock()
-        responses = self.client.stream_infer(inputs_iterator=requests())
-        try:
+        async with contextlib.aclosing(model_responses(self.client, tensors, f"bench-{next(self.ids)}")) as responses:
             async for result, error in responses:
                 if error is not None:
                     return StreamResult(ok=False, error=error.message()[:80])
                 ids = result.as_numpy("output_ids")
                 clock.tokens(0 if ids is None else ids.size)
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    break
-        finally:
-            finished.set()
-            responses.cancel()
         clock.result.ok = True
         return clock.result
+
+
+async def model_responses(client, tensors: list, request_id: str, model: str = "tensorrt_llm"):
+    """One request's responses from a decoupled model, (result, error) each, up to its final one;
+    closing it early (use contextlib.aclosing) cancels the request in the model."""
+    finished = asyncio.Event()
+
+    async def requests():
+        yield {"model_name": model, "inputs": tensors, "request_id": request_id}
+        await finished.wait()  # our side stays open until the model has finished
+
+    responses = client.stream_infer(inputs_iterator=requests())
+    try:
+        async for result, error in responses:
+            yield result, error
+            if error is not None:
+                return
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                return
+    finally:
+        finished.set()
+        responses.cancel()

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llama_cpp as L
@@ -130,6 +131,7 @@ class LlamaCppGenerator:
             warnings.simplefilter("ignore", DeprecationWarning)
             self._guide_tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(vocab)
         self._grammars: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guide-masks")
         self._worker = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
         self._worker.start()
 
@@ -152,6 +154,7 @@ class LlamaCppGenerator:
             self._closed = True
             self._wake.notify()
         self._worker.join(timeout=10)
+        self._mask_worker.shutdown(wait=False)
 
     def _grammar(self, guide_type: str, guide: str) -> str:
         """The guide as an llguidance grammar, compiled and checked once (cached)."""
@@ -282,7 +285,12 @@ class LlamaCppGenerator:
         if n == 0:
             return
         batch.n_tokens = n
-        status = L.llama_decode(self._ctx, batch)
+        guided = [seq.sampler for running in self._running for seq in running.sequences
+                  if not seq.ended and seq.sampler.matcher is not None]
+        masks = self._mask_worker.submit(lambda: [sampler.prepare() for sampler in guided]) if guided else None
+        status = L.llama_decode(self._ctx, batch)  # releases the GIL: the masks are computed meanwhile
+        if masks is not None:
+            masks.result()
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for running, row in completed_prompts:

@@ -64,6 +64,14 @@ class TokenSampler:
             self._mask = llguidance.numpy.allocate_token_bitmask(1, n_vocab)
             self._fill = llguidance.numpy.fill_next_token_bitmask
             self._apply = llguidance.numpy.apply_token_bitmask_inplace
+        self._mask_ready = False
+
+    def prepare(self) -> None:
+        """Computes the guide's mask of allowed next tokens, if not done yet. The generator calls
+        it on another thread while llama.cpp decodes, so the mask costs the step no time."""
+        if self.matcher is not None and not self._mask_ready:
+            self._fill(self.matcher, self._mask, 0)
+            self._mask_ready = True
 
     def choose(self, logits: np.ndarray, generated: int) -> tuple[int, float | None, tuple[list[int], list[float]] | None]:
         """The next token, its log prob and the top alternatives (when asked for)."""
@@ -73,8 +81,9 @@ class TokenSampler:
         if self.end_id is not None and generated < self.sampling.min_tokens:
             x[self.end_id] = -np.inf
         if self.matcher is not None:
-            self._fill(self.matcher, self._mask, 0)
+            self.prepare()
             self._apply(x, self._mask)
+            self._mask_ready = False
         if self._argmax:
             token = int(np.argmax(x))
         else:

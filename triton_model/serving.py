@@ -256,6 +256,19 @@ class ModelServer:
         self.generator.close()
 
 
+class TritonModelBase:
+    """What both model.py files share: initialize() sets self.server, a ModelServer."""
+
+    server: ModelServer
+
+    def execute(self, requests):
+        self.server.execute(requests)
+        return None  # a decoupled model answers through its response senders
+
+    def finalize(self):
+        self.server.close()
+
+
 def model_parameters(args: dict) -> dict[str, str]:
     """The string parameters of a model's config.pbtxt, from Triton's initialize() args."""
     config = json.loads(args["model_config"])

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from auth_svc.config import AuthConfig
-from bench.drivers import model_inputs
+from bench.drivers import model_inputs, model_responses
 from billing_svc.config import BillingConfig
 from cloudach.rpc.auth import bearer_interceptors
 from edge.app import create_app
@@ -175,40 +175,27 @@ async def stream_model(url: str, input_ids: list[int], request_id: str, cancel_a
 
     tensors = model_inputs(input_ids, streaming=True, **inputs)
     result = ModelStream()
-    finished = asyncio.Event()
-
-    async def requests():
-        yield {"model_name": "tensorrt_llm", "inputs": tensors, "request_id": request_id}
-        await finished.wait()
-
-    async with triton.InferenceServerClient(url) as client:
-        responses = client.stream_infer(inputs_iterator=requests())
-        try:
-            async for response, error in responses:
-                if error is not None:
-                    result.error = error.message()
-                    break
-                out = response.as_numpy("output_ids")
-                index = int(response.as_numpy("sequence_index").reshape(-1)[0]) if out is not None else 0
-                new = [] if out is None else out.reshape(-1).tolist()
-                if new and result.first_token_at is None:
-                    result.first_token_at = time.monotonic()
-                result.sequences.setdefault(index, []).extend(new)
-                log_probs = response.as_numpy("output_log_probs")
-                if log_probs is not None:
-                    result.log_probs.setdefault(index, []).extend(log_probs.reshape(-1).tolist())
-                top_ids, top_lps = response.as_numpy("top_log_prob_ids"), response.as_numpy("top_log_probs")
-                if top_ids is not None:
-                    steps = top_ids.reshape(-1, top_ids.shape[-1]).tolist(), top_lps.reshape(-1, top_lps.shape[-1]).tolist()
-                    result.top_log_probs.setdefault(index, []).extend(zip(*steps))
-                if cancel_after is not None and result.tokens >= cancel_after:
-                    break
-                final = response.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    break
-        finally:
-            finished.set()
-            responses.cancel()
+    async with triton.InferenceServerClient(url) as client, \
+            contextlib.aclosing(model_responses(client, tensors, request_id)) as responses:
+        async for response, error in responses:
+            if error is not None:
+                result.error = error.message()
+                break
+            out = response.as_numpy("output_ids")
+            index = int(response.as_numpy("sequence_index").reshape(-1)[0]) if out is not None else 0
+            new = [] if out is None else out.reshape(-1).tolist()
+            if new and result.first_token_at is None:
+                result.first_token_at = time.monotonic()
+            result.sequences.setdefault(index, []).extend(new)
+            log_probs = response.as_numpy("output_log_probs")
+            if log_probs is not None:
+                result.log_probs.setdefault(index, []).extend(log_probs.reshape(-1).tolist())
+            top_ids, top_lps = response.as_numpy("top_log_prob_ids"), response.as_numpy("top_log_probs")
+            if top_ids is not None:
+                steps = top_ids.reshape(-1, top_ids.shape[-1]).tolist(), top_lps.reshape(-1, top_lps.shape[-1]).tolist()
+                result.top_log_probs.setdefault(index, []).extend(zip(*steps))
+            if cancel_after is not None and result.tokens >= cancel_after:
+                break  # leaving the stream cancels the request
     result.ended_at = time.monotonic()
     return result
 

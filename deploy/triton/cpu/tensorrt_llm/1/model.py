@@ -12,10 +12,10 @@ import triton_python_backend_utils as pb_utils
 
 from cloudach.paths import resolve_path
 from triton_model.llamacpp import LlamaCppGenerator
-from triton_model.serving import Metrics, ModelServer, model_parameters
+from triton_model.serving import Metrics, ModelServer, TritonModelBase, model_parameters
 
 
-class TritonPythonModel:
+class TritonPythonModel(TritonModelBase):
     def initialize(self, args):
         params = model_parameters(args)
         metrics = Metrics(pb_utils, "tensorrt_llm")
@@ -32,10 +32,3 @@ class TritonPythonModel:
             n_threads=int(params.get("n_threads", "0")) or (os.cpu_count() or 1),
         )
         self.server = ModelServer(pb_utils, generator, metrics)
-
-    def execute(self, requests):
-        self.server.execute(requests)
-        return None
-
-    def finalize(self):
-        self.server.close()

@@ -9,18 +9,11 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 from triton_model.llmapi import LlmApiGenerator, LlmApiSettings
-from triton_model.serving import Metrics, ModelServer, model_parameters
+from triton_model.serving import Metrics, ModelServer, TritonModelBase, model_parameters
 
 
-class TritonPythonModel:
+class TritonPythonModel(TritonModelBase):
     def initialize(self, args):
         metrics = Metrics(pb_utils, "tensorrt_llm")
         generator = LlmApiGenerator(LlmApiSettings.from_parameters(model_parameters(args)), metrics=metrics)
         self.server = ModelServer(pb_utils, generator, metrics)
-
-    def execute(self, requests):
-        self.server.execute(requests)
-        return None
-
-    def finalize(self):
-        self.server.close()
