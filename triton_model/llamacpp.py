@@ -22,7 +22,6 @@ import collections
 import ctypes
 import logging
 import threading
-import time
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,6 @@ from triton_model.sampler import TokenSampler
 from triton_model.serving import CANCELLED, COMPLETED, STOPPED, Job, Metrics, QueueFull, Step
 
 log = logging.getLogger(__name__)
-#: how often a running request's cancellation is looked at (TensorRT-LLM's backend: 100 ms)
-CANCEL_CHECK_S = 0.02
 
 
 @dataclass
@@ -61,7 +58,6 @@ class _Running:
     sequences: list[_Sequence]
     kv_tokens: int
     prefilled: int = 0
-    checked_at: float = 0.0
 
     @property
     def request(self) -> GenerationRequest:
@@ -71,14 +67,6 @@ class _Running:
     def prefilling(self) -> bool:
         return self.prefilled < len(self.request.input_ids)
 
-    def cancelled(self) -> bool:
-        """The job's cancellation, asked at most every CANCEL_CHECK_S: each ask is a round trip
-        from the model's stub to Triton."""
-        now = time.monotonic()
-        if now - self.checked_at < CANCEL_CHECK_S:
-            return False
-        self.checked_at = now
-        return self.job.cancelled()
 
 
 def _silence_llama_logs() -> None:
@@ -306,7 +294,7 @@ class LlamaCppGenerator:
 
     def _sample(self, running: _Running) -> None:
         job, request = running.job, running.request
-        if running.cancelled():
+        if job.cancelled():  # every step: a cancelled request stops within one token
             self._end(running, outcome=STOPPED if job.stopped.is_set() else CANCELLED)
             return
         for seq in running.sequences:

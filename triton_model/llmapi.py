@@ -191,7 +191,9 @@ class LlmApiGenerator:
                     step.top_log_probs = []
                     for by_id in steps:
                         best = sorted(by_id.items(), key=lambda item: -item[1].logprob)[:k]
-                        step.top_log_probs.append(([t for t, _ in best], [float(lp.logprob) for _, lp in best]))
+                        missing = k - len(best)  # fewer than asked: padded, id -1 at -inf
+                        step.top_log_probs.append(([t for t, _ in best] + [-1] * missing,
+                                                   [float(lp.logprob) for _, lp in best] + [float("-inf")] * missing))
             job.emit(step)
         if sequence.finish_reason is not None and sequence.index not in ended:
             ended.add(sequence.index)
