@@ -81,7 +81,9 @@ async def test_cancelling_one_stream_of_a_batch_stops_only_it(triton, prompt):
     assert [s.tokens for s in streams[1:]] == [120, 120, 120]
     assert after["cloudach_model_requests_total:cancelled"] == before["cloudach_model_requests_total:cancelled"] + 1
     generated = after["cloudach_model_generated_tokens_total"] - before["cloudach_model_generated_tokens_total"]
-    assert generated <= 3 * 120 + streams[0].tokens + 3
+    # The cancelled one stopped within a few steps of its cancel (tokens in flight to the client
+    # included), not at 120.
+    assert generated <= 3 * 120 + streams[0].tokens + 10
     assert after["cloudach_model_active_sequences"] == 0
 
 
