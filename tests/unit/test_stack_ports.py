@@ -67,3 +67,9 @@ def test_up_with_the_api_port_taken_starts_nothing(tmp_path):
     assert done.stderr.strip() == (f"!! port {settings.port} (the HTTP API) is already in use on 127.0.0.1: "
                                    "choose another with --port or CLOUDACH_PORT")
     assert "starting" not in done.stdout and not (tmp_path / "state").exists()
+
+
+def test_free_ports_can_leave_out_ports_chosen_earlier():
+    chosen = free_ports(7)
+    # Released, the same ports are free again; the next pick must not hand one of them out twice.
+    assert not set(free_ports(50, avoid=chosen)) & set(chosen)

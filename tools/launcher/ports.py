@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports free right now on 127.0.0.1 (held open together so that they differ)."""
+def free_ports(count: int, avoid: Iterable[int] = ()) -> list[int]:
+    """Ports free right now on 127.0.0.1 (held open together so that they differ), none of them in
+    avoid: ports chosen earlier for servers that have not bound them yet."""
+    avoid = set(avoid)
     sockets = []
     try:
-        for _ in range(count):
+        while len([s for s in sockets if s.getsockname()[1] not in avoid]) < count:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
             sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+        return [p for p in (s.getsockname()[1] for s in sockets) if p not in avoid]
     finally:
         for s in sockets:
             s.close()

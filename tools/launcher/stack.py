@@ -66,8 +66,9 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     data = (state_dir / "data").resolve()
     data.mkdir(parents=True, exist_ok=True)
     key_file = dev_api_key(state_dir).resolve()
-    # Triton keeps the ports it first got across restarts, so inference_svc finds it again.
-    triton_http, triton_grpc, triton_metrics = free_ports(3)
+    # Triton keeps the ports it first got across restarts, so inference_svc finds it again. None
+    # of the stack's own ports: those are free now, but their servers start after Triton.
+    triton_http, triton_grpc, triton_metrics = free_ports(3, avoid=settings.ports().values())
     triton_ready = ("http", f"http://{d.HOST}:{triton_http}/v2/health/ready",
                     f"http://{d.HOST}:{triton_http}/v2/models/tensorrt_llm/ready")
     triton = Child(
