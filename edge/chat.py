@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -76,6 +77,31 @@ def _content(content: str | list) -> str:
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
 
 
+_SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _guide(response_format: dict | None, messages: list[pb.ChatMessage]) -> pb.Guide | None:
+    """response_format as inference_svc's guide (which checks that it compiles), with OpenAI's checks."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        if not any("json" in m.content.lower() for m in messages):
+            raise bad_request("'messages' must contain the word 'json' in some form, to use 'response_format' of "
+                              "type 'json_object'.", param="messages")
+        return pb.Guide(type=pb.GUIDE_TYPE_JSON_OBJECT)
+    spec = response_format.get("json_schema")
+    if spec is None:
+        raise bad_request("Missing required parameter: 'response_format.json_schema'.",
+                          param="response_format.json_schema", code="missing_required_parameter")
+    if not _SCHEMA_NAME.match(spec["name"]):
+        raise bad_request("Invalid 'response_format.json_schema.name': string does not match pattern. Expected a "
+                          "string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+                          param="response_format.json_schema.name", code="invalid_value")
+    schema = spec.get("schema") or {"type": "object"}
+    return pb.Guide(type=pb.GUIDE_TYPE_JSON_SCHEMA, text=json.dumps(schema))
+
+
 def parse_chat_request(body: dict) -> ChatRequest:
     """Validates an OpenAI request body against the published schema and translates it."""
     validate(CREATE_CHAT_COMPLETION_REQUEST, body)
@@ -99,12 +125,14 @@ def parse_chat_request(body: dict) -> ChatRequest:
     stop = body.get("stop")
     if stop is not None:
         stopping.stop_sequences.extend([stop] if isinstance(stop, str) else stop)
+    messages = [pb.ChatMessage(role=ROLES[m["role"]], content=_content(m["content"])) for m in body["messages"]]
     generate = pb.GenerateRequest(
         request_id=completion_id,
         model=body["model"],
-        messages=[pb.ChatMessage(role=ROLES[m["role"]], content=_content(m["content"])) for m in body["messages"]],
+        messages=messages,
         sampling=sampling,
         stopping=stopping,
+        guide=_guide(body.get("response_format"), messages),
     )
     return ChatRequest(
         id=completion_id,

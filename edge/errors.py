@@ -83,6 +83,8 @@ def public_param(param: str | None, max_tokens_name: str) -> str | None:
         return "stop"
     if param.startswith("messages"):
         return param
+    if param.startswith("guide"):
+        return "response_format"
     return _PUBLIC_PARAMS.get(param)
 
 

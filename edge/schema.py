@@ -43,6 +43,28 @@ MESSAGE: Schema = {
     "additionalProperties": False,
 }
 
+RESPONSE_FORMAT: Schema = {
+    "type": "object",
+    "description": "Structured output: free text, any JSON object, or JSON valid against a JSON Schema "
+                   "(by guided decoding: the model can only produce what the schema allows).",
+    "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "a-z, A-Z, 0-9, underscores and dashes, up to 64."},
+                "description": {"type": "string"},
+                "schema": {"type": "object", "description": "A JSON Schema for the completion."},
+                "strict": nullable({"type": "boolean"}),
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type"],
+    "additionalProperties": False,
+}
+
 #: Fields OpenAI defines that Cloudach does not implement yet: accepted only at these values.
 NEUTRAL_VALUES: dict[str, list[Any]] = {
     "tools": [None, []],
@@ -50,7 +72,6 @@ NEUTRAL_VALUES: dict[str, list[Any]] = {
     "parallel_tool_calls": [None, True, False],
     "functions": [None, []],
     "function_call": [None, "none", "auto"],
-    "response_format": [None, {"type": "text"}],
     "logprobs": [None, False],
     "top_logprobs": [None, 0],
     "logit_bias": [None, {}],
@@ -93,6 +114,7 @@ CREATE_CHAT_COMPLETION_REQUEST: Schema = {
             }
         ),
         "user": {"type": "string"},
+        "response_format": nullable(RESPONSE_FORMAT),
         **{name: {"description": f"Accepted only as one of {values!r}: not supported yet."}
            for name, values in NEUTRAL_VALUES.items()},
     },

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cloudach.errors import DeadlineExceeded, InvalidArgument
 from cloudach.inference.v1 import inference_pb2 as pb
 from inference_svc.engine import Engine, EngineRequest
+from inference_svc.guides import check_guide
 from inference_svc.registry import ModelRegistry, ModelSpec
 from inference_svc.templates import Message
 from inference_svc.textstream import IncrementalDetokenizer, StopMatcher
@@ -113,6 +114,7 @@ def plan_generation(
         seed=s.seed if s.HasField("seed") else secrets.randbits(63),
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
+        guide=check_guide(request.guide),
         trace_headers=dict(trace_headers),
     )
     return Plan(spec=spec, engine_request=engine_request, stop_sequences=stops)

@@ -93,6 +93,11 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
     ]
     if model.pad_id is not None:
         inputs.append(_tensor("pad_id", i32(model.pad_id), "INT32"))
+    if r.guide is not None:
+        kind, text = r.guide
+        inputs.append(_tensor("guided_decoding_guide_type", np.array([[kind.encode()]], dtype=np.object_), "BYTES"))
+        if text:
+            inputs.append(_tensor("guided_decoding_guide", np.array([[text.encode()]], dtype=np.object_), "BYTES"))
     if stop_words:
         inputs.append(_tensor("stop_words_list", _stop_words_list(stop_words), "INT32"))
     return inputs

@@ -80,11 +80,13 @@ def test_inference_svc_only_sends_inputs_the_model_declares():
     from inference_svc.triton_engine import TritonModel, build_inputs
 
     declared = {i.name: i for i in parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt").input}
-    request = EngineRequest("r", "llama3-8b", [1, 2, 3], 5, (2, 7, 9), 0.7, 0.9, 0, 42)
+    request = EngineRequest("r", "llama3-8b", [1, 2, 3], 5, (2, 7, 9), 0.7, 0.9, 0, 42,
+                            guide=("json_schema", '{"type": "object"}'))
     dtype = {"INT32": model_config_pb2.TYPE_INT32, "FP32": model_config_pb2.TYPE_FP32,
-             "BOOL": model_config_pb2.TYPE_BOOL, "UINT64": model_config_pb2.TYPE_UINT64}
+             "BOOL": model_config_pb2.TYPE_BOOL, "UINT64": model_config_pb2.TYPE_UINT64,
+             "BYTES": model_config_pb2.TYPE_STRING}
     sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, pad_id=2))
-    assert {"input_ids", "input_lengths", "request_output_len"} <= {t.name() for t in sent}
+    assert {"input_ids", "input_lengths", "request_output_len", "guided_decoding_guide"} <= {t.name() for t in sent}
     for tensor in sent:
         assert tensor.name() in declared, tensor.name()
         spec = declared[tensor.name()]

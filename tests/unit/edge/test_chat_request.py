@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cloudach.inference.v1 import inference_pb2 as pb
@@ -35,3 +37,26 @@ def test_stream_options_without_stream_is_refused():
     with pytest.raises(ApiError) as raised:
         parse_chat_request({**CHAT, "stream_options": {"include_usage": True}})
     assert (raised.value.status, raised.value.param) == (400, "stream_options")
+
+
+def test_response_format_becomes_a_guide_with_openais_checks():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    guide = parse_chat_request({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "thing", "schema": schema, "strict": True}}}).generate.guide
+    assert guide.type == pb.GUIDE_TYPE_JSON_SCHEMA and json.loads(guide.text) == schema
+    assert not parse_chat_request({**CHAT, "response_format": {"type": "text"}}).generate.HasField("guide")
+    json_chat = {**CHAT, "messages": [{"role": "user", "content": "Answer in JSON."}]}
+    assert parse_chat_request({**json_chat, "response_format": {"type": "json_object"}}).generate.guide.type == \
+        pb.GUIDE_TYPE_JSON_OBJECT
+
+
+@pytest.mark.parametrize("response_format, param", [
+    ({"type": "json_object"}, "messages"),  # OpenAI: the messages must mention JSON
+    ({"type": "json_schema"}, "response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "a b"}}, "response_format.json_schema.name"),
+    ({"type": "yaml"}, "response_format.type"),
+])
+def test_a_response_format_openai_refuses_is_refused_naming_the_field(response_format, param):
+    with pytest.raises(ApiError) as raised:
+        parse_chat_request({**CHAT, "response_format": response_format})
+    assert (raised.value.status, raised.value.param) == (400, param)
