@@ -6,8 +6,9 @@ step and leaves it the step it ends, freeing its cells. Each step decodes one to
 running sequence together with one block of each prompt being prefilled (a few prompts a step),
 so a long prompt never freezes the streams already running. n sequences share their prompt's
 cells (llama.cpp copies a sequence's cells by reference), and whole blocks of recent prompts are
-kept for later prompts that start the same way (prefix_cache.py). Guided decoding uses llguidance, a grammar engine TensorRT-LLM
-offers too, so a guide accepted here is accepted in production.
+kept for later prompts that start the same way (prefix_cache.py). Guided decoding uses llguidance
+(cloudach.guides), a grammar engine TensorRT-LLM offers too, so a guide accepted here is accepted
+in production.
 
 Reproducibility: a request decoded alone with a seed gives the same tokens every time, whether
 its prompt's blocks were evaluated or reused (a block is always evaluated alone, aligned, so a
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import llama_cpp as L
 import numpy as np
 
+from cloudach.guides import GuideError, compile_guide
 from triton_model.prefix_cache import PrefixCache
 from triton_model.request import GenerationRequest, Limits, invalid
 from triton_model.sampler import TokenSampler
@@ -146,28 +148,15 @@ class LlamaCppGenerator:
 
     def _grammar(self, guide_type: str, guide: str) -> str:
         """The guide as an llguidance grammar, compiled and checked once (cached)."""
-        import llguidance
-        from llguidance.gbnf_to_lark import gbnf_to_lark
-
         key = (guide_type, guide)
         with self._wake:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
         try:
-            if guide_type == "json":
-                grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
-            elif guide_type == "json_schema":
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(guide)
-            elif guide_type == "regex":
-                grammar = llguidance.LLMatcher.grammar_from_regex(guide)
-            else:
-                grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(guide))
-            problem = llguidance.LLMatcher.validate_grammar(grammar, self._guide_tokenizer)
-        except Exception as error:  # noqa: BLE001 - whatever the guide's parser says
-            problem = str(error)
-        if problem:
-            raise invalid("guided_decoding_guide", f"the {guide_type} guide does not compile: {problem.strip()[:500]}")
+            grammar = compile_guide(guide_type, guide, self._guide_tokenizer)
+        except GuideError as problem:
+            raise invalid("guided_decoding_guide", f"the {guide_type} guide does not compile: {problem}") from None
         with self._wake:
             self._grammars[key] = grammar
             while len(self._grammars) > 256:

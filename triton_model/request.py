@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+from cloudach.guides import GUIDE_TYPES
+
 #: OpenAI's limit on top_logprobs
 MAX_TOP_LOG_PROBS = 20
 
