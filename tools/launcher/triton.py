@@ -86,6 +86,14 @@ class TritonServer:
         stop(self.process, timeout_s=0)
 
 
+#: Triton's gRPC server, by gRPC's default, answers a client's third ping "without data" (one
+#: that comes while the server has sent nothing since the last) with GOAWAY too_many_pings and
+#: closes the connection: every stream on it ends "Stream removed (Socket closed)". A client's
+#: BDP pings on a connection shared by many streams can trip that. Only inference_svc (and our
+#: benchmarks) talk to Triton, so its pings are always welcome.
+PING_POLICY = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-max-ping-strikes=0")
+
+
 def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
     """Triton's OpenTelemetry tracing (OTLP over HTTP): its spans join the trace whose traceparent
     inference_svc sends with each stream. Empty url: tracing off."""
@@ -121,6 +129,7 @@ def start_triton(
         f"--metrics-port={metrics_port}",
         "--allow-gpu-metrics=false",
         "--exit-timeout-secs=10",
+        *PING_POLICY,
         *trace_args(trace_url),
         *extra_args,
     ]
