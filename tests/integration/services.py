@@ -206,3 +206,18 @@ async def model_idle(server: TritonServer, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while (await asyncio.to_thread(model_metrics, server)).get("cloudach_model_active_requests", 0) > 0:
             await asyncio.sleep(0.02)
+
+
+async def model_cancelled(server: TritonServer, before: dict[str, float], count: int = 1,
+                          timeout_s: float = 20.0) -> dict[str, float]:
+    """The model's counters once count more requests than in before have ended cancelled and none
+    runs: what the model really did for a caller that went away, however loaded the machine is.
+    Times out (failing the test) if the cancel never reaches the model."""
+    want = before.get("cloudach_model_requests_total:cancelled", 0) + count
+    async with asyncio.timeout(timeout_s):
+        while True:
+            now = await asyncio.to_thread(model_metrics, server)
+            if now.get("cloudach_model_requests_total:cancelled", 0) >= want and \
+                    now.get("cloudach_model_active_requests", 0) == 0:
+                return now
+            await asyncio.sleep(0.05)

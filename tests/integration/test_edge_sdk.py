@@ -19,7 +19,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from tools.launcher.ports import free_ports
 from tools.launcher.probes import wait_serving
-from tests.integration.services import API_KEY, MODEL, model_idle, model_metrics, running_edge
+from tests.integration.services import API_KEY, MODEL, model_cancelled, model_idle, model_metrics, running_edge
 
 pytestmark = pytest.mark.triton
 
@@ -156,8 +156,7 @@ async def test_a_client_that_goes_away_stops_generation_in_the_model(edge_url, t
             break
     await stream.close()  # the SDK closes the HTTP response: the client is gone
     await async_client.close()
-    await asyncio.sleep(1.5)
-    after = model_metrics(triton)
+    after = await model_cancelled(triton, before)
     generated = after["cloudach_model_generated_tokens_total"] - before["cloudach_model_generated_tokens_total"]
     assert after["cloudach_model_requests_total:cancelled"] == before["cloudach_model_requests_total:cancelled"] + 1
     assert generated < 40, f"the model generated {generated} tokens for a client that left after {received} chunks"

@@ -18,7 +18,8 @@ from inference_svc.generation import ROLES
 from inference_svc.server import running_inference
 from inference_svc.templates import Message, render_text
 from cloudach.paths import resolve_path
-from tests.integration.services import MODEL, authed_channel, inference_config, launch_triton, model_idle, model_metrics
+from tests.integration.services import (MODEL, authed_channel, inference_config, launch_triton, model_cancelled,
+                                        model_idle, model_metrics)
 
 pytestmark = pytest.mark.triton
 
@@ -125,12 +126,11 @@ async def test_cancelling_the_call_stops_generation_in_the_model(stub, triton):
             if received >= 5:
                 break
     call.cancel()
-    # Give the model time it would need to run on, then look at what it really did.
-    await asyncio.sleep(1.5)
-    after = model_metrics(triton)
+    after = await model_cancelled(triton, before)
     generated = after["cloudach_model_generated_tokens_total"] - before["cloudach_model_generated_tokens_total"]
     assert after["cloudach_model_requests_total:cancelled"] == before["cloudach_model_requests_total:cancelled"] + 1
-    assert generated <= received + 3, f"the model generated {generated} tokens after {received} were received"
+    # It stopped within a few steps of the cancel (tokens on their way to the client included), not at 400.
+    assert generated <= received + 10, f"the model generated {generated} tokens after {received} were received"
     assert after["cloudach_model_active_requests"] == 0
 
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from inference_svc.templates import Message
-from tests.integration.services import MODEL, model_metrics, stream_model
+from tests.integration.services import MODEL, model_cancelled, model_metrics, stream_model
 
 END_ID = 2
 PERSON = {
@@ -76,8 +76,7 @@ async def test_cancelling_one_stream_of_a_batch_stops_only_it(triton, prompt):
         stream_model(triton.grpc_url, prompt(f"Write a long story about dragon number {i}."), f"cancel-{i}",
                      request_output_len=120, seed=i, cancel_after=5 if i == 0 else None)
         for i in range(4)))
-    await asyncio.sleep(0.5)  # time the model would need to run on
-    after = model_metrics(triton)
+    after = await model_cancelled(triton, before)
     assert [s.tokens for s in streams[1:]] == [120, 120, 120]
     assert after["cloudach_model_requests_total:cancelled"] == before["cloudach_model_requests_total:cancelled"] + 1
     generated = after["cloudach_model_generated_tokens_total"] - before["cloudach_model_generated_tokens_total"]
