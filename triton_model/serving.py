@@ -8,12 +8,15 @@ llama.cpp batched decode on the CPU (llamacpp.py), TensorRT-LLM's LLM API on the
 A generator calls back on the Job, from its own thread: emit() for each sequence's new tokens,
 finish() when a sequence ends, fail() if the request cannot go on. The Job sends the responses:
 one per step and sequence while streaming (with `sequence_index`), and the final flag once every
-sequence of the request has ended.
+sequence of the request has ended. It hands them to the ResponseWriter, whose thread builds and
+sends them in order, so the generator decodes its next step while Triton takes the last one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +25,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from triton_model.request import GenerationRequest, Limits, Refused, is_stop, parse
+
+log = logging.getLogger(__name__)
 
 #: how a sequence ended (counted in cloudach_model_requests_total's outcome by the request's worst)
 COMPLETED, STOPPED, CANCELLED, ERROR = "completed", "stopped", "cancelled", "error"
@@ -85,6 +90,44 @@ class Metrics:
         self.cached_prompt_tokens = cached.Metric(labels=labels)
 
 
+class ResponseWriter:
+    """Builds and sends every job's responses from one thread of its own, in the order given.
+
+    A send is a round trip to the Triton process (through shared memory, waiting for its
+    answer): about a tenth of a CPU model's step with eight streams, more on a loaded machine.
+    Done here, the generator's loop decodes its next step meanwhile. Bounded: a generator that
+    outruns Triton waits in put() until the writer catches up.
+    """
+
+    def __init__(self, max_pending: int = 4096) -> None:
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
+        self._thread.start()
+
+    def put(self, job: Job, build: Any, flags: int = 0) -> None:
+        """Sends build() (a response, or None for the flags alone) to job's caller."""
+        self._queue.put((job, build, flags))
+
+    def close(self, timeout_s: float = 10) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, build, flags = item
+            if job.lost.is_set():
+                continue  # its caller is gone: nothing more reaches it
+            try:
+                response = build()
+                if response is None:
+                    job.sender.send(flags=flags)
+                else:
+                    job.sender.send(response, flags=flags)
+            except Exception:  # noqa: BLE001 - one caller's broken stream must not stop the others'
+                log.exception("sending a response of %s failed: the request is cancelled", job.request.request_id)
+                job.lost.set()
+
+
 @dataclass(eq=False)
 class Job:
     """One request on its way through a generator; the generator's thread calls it back."""
@@ -94,8 +137,11 @@ class Job:
     sender: Any
     pb_utils: Any
     metrics: Metrics
+    writer: ResponseWriter
     on_done: Any = None
     stopped: threading.Event = field(default_factory=threading.Event)
+    #: a response could not be sent: the caller is gone
+    lost: threading.Event = field(default_factory=threading.Event)
     _open: set[int] = field(default_factory=set)
     _generated: list[int] = field(default_factory=list)
     _held: dict[int, list[Step]] = field(default_factory=dict)
@@ -108,7 +154,7 @@ class Job:
 
     def cancelled(self) -> bool:
         """The caller went away, or a `stop=true` request named this one."""
-        return self.stopped.is_set() or self.triton_request.is_cancelled()
+        return self.stopped.is_set() or self.lost.is_set() or self.triton_request.is_cancelled()
 
     def generated(self, sequence_index: int) -> int:
         return self._generated[sequence_index]
@@ -117,7 +163,8 @@ class Job:
         self._generated[step.sequence_index] += len(step.token_ids)
         self.metrics.tokens.increment(len(step.token_ids))
         if self.request.streaming:
-            self.sender.send(self._response([step]))
+            generated = self._generated[step.sequence_index]
+            self.writer.put(self, lambda: self._response([step], generated=generated))
         else:
             self._held.setdefault(step.sequence_index, []).append(step)
 
@@ -130,10 +177,12 @@ class Job:
             last = not self._open
         if not last:
             return
+        final = self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self._outcome == CANCELLED:
-            self.sender.send(flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.writer.put(self, lambda: None, final)
         elif self.request.streaming:
-            self.sender.send(self._response([]), flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            generated = self._generated[0]
+            self.writer.put(self, lambda: self._response([], generated=generated), final)
         else:
             self._send_held()
         self._done(self._outcome)
@@ -145,8 +194,8 @@ class Job:
                 return
             self._open.clear()
         error = self.pb_utils.TritonError(message)
-        self.sender.send(self.pb_utils.InferenceResponse(output_tensors=[], error=error),
-                         flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.writer.put(self, lambda: self.pb_utils.InferenceResponse(output_tensors=[], error=error),
+                        self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         self._done(ERROR)
 
     def _done(self, outcome: str) -> None:
@@ -165,15 +214,17 @@ class Job:
                 merged.top_log_probs = [t for s in steps for t in s.top_log_probs or ()]
             prompt = [] if self.request.exclude_input else self.request.input_ids
             last = index == self.request.num_sequences - 1
-            self.sender.send(self._response([merged], prompt), flags=final if last else 0)
+            generated = self._generated[index]
+            self.writer.put(self, lambda m=merged, g=generated: self._response([m], prompt, g), final if last else 0)
 
-    def _response(self, steps: Sequence[Step], prompt: Sequence[int] = ()) -> Any:
+    def _response(self, steps: Sequence[Step], prompt: Sequence[int] = (), generated: int = 0) -> Any:
+        """Built on the writer's thread: generated is the sequence's count when the step was emitted."""
         tensor = self.pb_utils.Tensor
         step = steps[0] if steps else Step(0, [])
         ids = [*prompt, *step.token_ids]
         tensors = [
             tensor("output_ids", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
-            tensor("sequence_length", np.array([[len(prompt) + self._generated[step.sequence_index]]], dtype=np.int32)),
+            tensor("sequence_length", np.array([[len(prompt) + generated]], dtype=np.int32)),
             tensor("sequence_index", np.array([[step.sequence_index]], dtype=np.int32)),
         ]
         if self.request.return_log_probs and step.log_probs is not None:
@@ -187,7 +238,7 @@ class Job:
         if self.request.return_num_input_tokens:
             tensors.append(tensor("num_input_tokens", np.array([[len(self.request.input_ids)]], dtype=np.int32)))
         if self.request.return_num_output_tokens:
-            tensors.append(tensor("num_output_tokens", np.array([[self._generated[step.sequence_index]]], dtype=np.int32)))
+            tensors.append(tensor("num_output_tokens", np.array([[generated]], dtype=np.int32)))
         return self.pb_utils.InferenceResponse(output_tensors=tensors)
 
 
@@ -209,6 +260,7 @@ class ModelServer:
         self.pb_utils = pb_utils
         self.generator = generator
         self.metrics = metrics
+        self.writer = ResponseWriter()
         self._running: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -228,7 +280,7 @@ class ModelServer:
                     continue
                 request = parse(request_id, inputs, self.generator.limits)
                 self.generator.check(request)
-                job = Job(request, triton_request, sender, self.pb_utils, self.metrics, on_done=self._forget)
+                job = Job(request, triton_request, sender, self.pb_utils, self.metrics, self.writer, on_done=self._forget)
                 if request_id:
                     with self._lock:
                         self._running[request_id] = job
@@ -253,7 +305,8 @@ class ModelServer:
                     flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def close(self) -> None:
-        self.generator.close()
+        self.generator.close()  # its last responses (the shutdown's errors) go out before the writer stops
+        self.writer.close()
 
 
 class TritonModelBase:
