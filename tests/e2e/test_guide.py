@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from tools.launcher.ports import free_ports
+from tools.launcher.triton import model_stubs
 from tests.e2e.conftest import GUIDE, MODEL, NODE, Output, Stack
 
 #: At temperature 0 the CPU model answers this with all of max_tokens (2,000 tokens: about 35 s here).
@@ -32,6 +33,19 @@ def run_guide(stack: Stack, name: str, *args: str, api_key: str | None = None) -
     """Runs an example to its end; returns what it printed, failing with its stderr if it failed."""
     done = subprocess.run([sys.executable, str(GUIDE / name), *args], env=stack.env(api_key),
                           capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def answers_again(stack: Stack, name: str, timeout_s: float = 60) -> str:
+    """Runs an example until it succeeds, as after Triton restarted: inference_svc reconnects to
+    it on its own schedule. Fails with the last try's stderr past timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = subprocess.run([sys.executable, str(GUIDE / name)], env=stack.env(), capture_output=True, text=True,
+                              timeout=180)
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -187,14 +201,21 @@ def test_a_mid_stream_failure_reaches_the_caller_and_the_stack_recovers(stack):
     assert stack.services()["tritonserver"]["restarts"] == 1
     with pytest.raises(ProcessLookupError):  # nothing of the dead Triton is left (its model stub)
         os.killpg(triton["pid"], 0)
-    deadline = time.monotonic() + 60
-    while True:  # inference_svc reconnects to the restarted Triton on its own schedule
-        retry = subprocess.run([sys.executable, str(GUIDE / "stream_with_retry.py")], env=stack.env(),
-                               capture_output=True, text=True, timeout=180)
-        if retry.returncode == 0 or time.monotonic() > deadline:
-            break
-    assert retry.returncode == 0, retry.stderr[-3000:]
-    assert retry.stdout.strip()
+    assert answers_again(stack, "stream_with_retry.py").strip()
+
+
+def test_a_dead_model_stub_gets_triton_restarted(stack):
+    """Triton outlives its model's Python stub (a crash, the OOM killer) and goes on saying the
+    model is ready, while every request fails: the launcher notices and restarts it."""
+    triton = stack.services()["tritonserver"]
+    stubs = model_stubs(triton["pid"])
+    assert stubs, "no model stub in Triton's process group"
+    for pid in stubs:
+        os.kill(pid, signal.SIGKILL)
+    noticed = stack.output.wait_for("!! tritonserver is broken: its model's Python stub is gone", 30)
+    stack.output.wait_for("tritonserver ready again", 180, start=noticed)
+    assert stack.services()["tritonserver"]["restarts"] == triton["restarts"] + 1
+    assert answers_again(stack, "basic_streaming.py").strip()
 
 
 def test_a_killed_edge_is_restarted_and_status_says_so(stack):

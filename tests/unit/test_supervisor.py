@@ -59,6 +59,29 @@ def test_a_child_that_dies_is_restarted_with_doubling_backoff(supervised, tmp_pa
     assert lines.count("  second ready again: " + second.address) == 2
 
 
+def test_a_running_child_that_says_it_is_broken_is_killed_and_restarted(tmp_path):
+    lines: list[str] = []
+    child = http_child(tmp_path, "server")
+    marker = tmp_path / "broken"
+    child.broken = lambda process: "its marker is there" if marker.exists() else None
+    supervisor = Supervisor([child], tmp_path / "stack.json", say=lines.append)
+    supervisor.start_all()
+    watcher = threading.Thread(target=supervisor.watch, kwargs={"tick_s": 0.05})
+    watcher.start()
+    try:
+        first = child.process
+        time.sleep(0.3)
+        assert child.restarts == 0 and first.poll() is None  # healthy: left alone
+        marker.touch()
+        wait_until(lambda: "!! server is broken: its marker is there; killing it" in lines)
+        marker.unlink()
+        wait_until(lambda: child.ready and child.restarts == 1)
+        assert first.returncode == -signal.SIGKILL and child.process.pid != first.pid
+    finally:
+        supervisor.stop_all()
+        watcher.join(10)
+
+
 def test_stop_all_stops_every_child_and_removes_the_state(supervised, tmp_path):
     supervisor, _ = supervised
     processes = [c.process for c in supervisor.children]

@@ -64,15 +64,19 @@ def stop(process: subprocess.Popen, timeout_s: float = 35) -> None:
     process.wait()
 
 
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and process group, from /proc; None when there is no such process."""
+    try:
+        state, _, group = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[:3]
+        return state, int(group)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def alive(pid: int | None) -> bool:
     """Whether pid is a running process (a zombie, dead but not yet reaped, is not)."""
-    if pid is None:
-        return False
-    try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    found = None if pid is None else proc_state(pid)
+    return found is not None and found[0] != "Z"
 
 
 def log_tail(path: pathlib.Path, lines: int = 20) -> str:

@@ -20,7 +20,7 @@ from cloudach import defaults as d
 from tools.launcher.ports import free_ports, port_taken
 from tools.launcher.process import spawn
 from tools.launcher.supervisor import Child, StartError, Supervisor
-from tools.launcher.triton import CPU_MODEL_REPOSITORY, start_triton
+from tools.launcher.triton import CPU_MODEL_REPOSITORY, start_triton, stub_died
 from tools.settings import StackSettings, variable
 
 MODEL_NAME = "smollm2-135m-instruct"
@@ -75,7 +75,7 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
         "tritonserver", f"{d.HOST}:{triton_grpc} (gRPC), http://{d.HOST}:{triton_metrics}/metrics",
         lambda: start_triton(logs / "tritonserver.log", model_repository, ports=(triton_http, triton_grpc, triton_metrics),
                              trace_url=settings.triton_trace_url, env=env).process,
-        triton_ready, logs / "tritonserver.log", start_timeout_s=180, stop_timeout_s=20,
+        triton_ready, logs / "tritonserver.log", start_timeout_s=180, stop_timeout_s=20, broken=stub_died,
     )
     auth, billing, inference = (d.address(p) for p in (settings.auth_port, settings.billing_port, settings.inference_port))
     edge_url = f"http://{d.address(settings.port)}"

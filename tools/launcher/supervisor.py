@@ -2,7 +2,8 @@
 
 Each child is started and waited on until ready, in order. After that, a child that exits is
 reported (with the tail of its log) and started again after a backoff that doubles from 1 s up
-to 30 s and resets once a child has stayed up for a minute. What runs where is written to a
+to 30 s and resets once a child has stayed up for a minute. A child may also say it is broken
+while it runs (Triton whose model stub died): it is then killed and restarted the same way. What runs where is written to a
 state file that `cloudach status` reads. stop_all() stops the children in reverse order.
 """
 
@@ -34,6 +35,8 @@ class Child:
     log: pathlib.Path
     start_timeout_s: float = 60.0
     stop_timeout_s: float = 35.0
+    #: asked of a ready child at each tick: why it is broken though it runs, or None
+    broken: Callable[[subprocess.Popen], str | None] | None = None
 
     process: subprocess.Popen | None = field(default=None, init=False)
     restarts: int = field(default=0, init=False)
@@ -91,6 +94,12 @@ class Supervisor:
                 self._write_state()
             return
         code = child.process.poll()
+        if code is None and child.ready and child.broken is not None:
+            reason = child.broken(child.process)
+            if reason is not None:
+                self.say(f"!! {child.name} is broken: {reason}; killing it")
+                stop(child.process, timeout_s=0)
+                code = child.process.returncode
         if code is not None:
             reap_group(child.process)
             child.ready = False

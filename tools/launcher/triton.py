@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from tools.launcher.ports import free_ports
 from tools.launcher.probes import http_ready, wait_ready
-from tools.launcher.process import log_tail, spawn, stop
+from tools.launcher.process import log_tail, proc_state, spawn, stop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CPU_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "cpu"
@@ -92,6 +92,28 @@ class TritonServer:
 #: BDP pings on a connection shared by many streams can trip that. Only inference_svc (and our
 #: benchmarks) talk to Triton, so its pings are always welcome.
 PING_POLICY = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-max-ping-strikes=0")
+
+
+def model_stubs(group: int) -> list[int]:
+    """The live Python-backend stub processes in a Triton's process group (one per model instance)."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        found = proc_state(int(entry.name)) if entry.name.isdigit() else None
+        if found is None or found[1] != group or found[0] == "Z":
+            continue
+        try:
+            if b"triton_python_backend_stub" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile
+    return pids
+
+
+def stub_died(process: subprocess.Popen) -> str | None:
+    """Why a running Triton cannot serve: its model's stub died (a crash, the OOM killer). Triton
+    2.51 neither restarts a decoupled model's stub nor stops saying the model is ready, so every
+    request after it fails ("Stub process ... is not healthy") until Triton itself restarts."""
+    return None if model_stubs(process.pid) else "its model's Python stub is gone (Triton does not restart it)"
 
 
 def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
