@@ -118,6 +118,11 @@ def parse_chat_request(body: dict) -> ChatRequest:
     for field in ("temperature", "top_p", "seed"):
         if body.get(field) is not None:
             setattr(sampling, field, body[field])
+    for token, bias in (body.get("logit_bias") or {}).items():
+        if not (token.isascii() and token.isdigit()) or int(token) >= 2**32:
+            raise bad_request(f"Invalid key in 'logit_bias': {token}. You should only be submitting non-negative "
+                              "integers.", param="logit_bias", code="invalid_value")
+        sampling.logit_bias[int(token)] = bias
     stopping = pb.StoppingCriteria()
     max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get(max_tokens_name) is not None:

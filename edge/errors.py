@@ -68,6 +68,7 @@ _PUBLIC_PARAMS = {
     "sampling.top_p": "top_p",
     "sampling.presence_penalty": "presence_penalty",
     "sampling.frequency_penalty": "frequency_penalty",
+    "sampling.logit_bias": "logit_bias",
     "sampling.seed": "seed",
     "stopping.stop_sequences": "stop",
     "messages": "messages",

@@ -74,7 +74,6 @@ NEUTRAL_VALUES: dict[str, list[Any]] = {
     "function_call": [None, "none", "auto"],
     "logprobs": [None, False],
     "top_logprobs": [None, 0],
-    "logit_bias": [None, {}],
     "store": [None, False],
     "metadata": [None, {}],
     "service_tier": [None, "auto", "default"],
@@ -104,6 +103,12 @@ CREATE_CHAT_COMPLETION_REQUEST: Schema = {
         },
         "presence_penalty": nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "frequency_penalty": nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "logit_bias": nullable({
+            "type": "object",
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "Token ids (as strings) mapped to a bias, -100 to 100, added to their logits before "
+                           "sampling: -100 in effect bans a token, 100 in effect forces it.",
+        }),
         "n": nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "Only 1 is supported."}),
         "stream": nullable({"type": "boolean"}),
         "stream_options": nullable(

@@ -64,7 +64,7 @@ def validate(schema: Schema, value: Any, path: str = "") -> None:
         _check_bounds(schema, value, path)
     if isinstance(value, list):
         _check_array(schema, value, path)
-    if isinstance(value, dict) and "properties" in schema:
+    if isinstance(value, dict) and ("properties" in schema or "additionalProperties" in schema):
         _check_object(schema, value, path)
 
 
@@ -103,14 +103,17 @@ def _check_array(schema: Schema, value: list, path: str) -> None:
 
 
 def _check_object(schema: Schema, value: dict, path: str) -> None:
-    properties = schema["properties"]
+    properties = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
     for name, item in value.items():
         if name not in properties:
-            if schema.get("additionalProperties", True) is False:
+            if extra is False:
                 if not path:
                     raise bad_request(f"Unrecognized request argument supplied: {name}")
                 raise bad_request(f"Unrecognized parameter: '{_join(path, name)}'.", param=_join(path, name),
                                   code="unknown_parameter")
+            if isinstance(extra, dict):  # a map: every value follows the one schema
+                validate(extra, item, _join(path, name))
             continue
         if not path and name in NEUTRAL_VALUES:
             if item not in NEUTRAL_VALUES[name]:

@@ -25,6 +25,8 @@ class EngineRequest:
     seed: int
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    #: (token id, bias) pairs added to the logits before sampling, checked already
+    logit_bias: tuple[tuple[int, float], ...] = ()
     #: structured output: (json | json_schema | regex | ebnf_grammar, its text), checked already
     guide: tuple[str, str] | None = None
     #: W3C trace context for the backend's own spans (traceparent, tracestate)

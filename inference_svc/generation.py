@@ -27,6 +27,8 @@ ROLES = {
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
+#: bounds the work of one request's bias (OpenAI publishes no limit; this is generous)
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,18 @@ class Plan:
 def _check_range(value: float, low: float, high: float, param: str) -> None:
     if not (math.isfinite(value) and low <= value <= high):
         raise InvalidArgument(f"{value:g} is not a valid value for '{param}': expected {low:g} to {high:g}.", param=param)
+
+
+def _logit_bias(s: pb.SamplingParameters, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    if len(s.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidArgument(f"logit_bias may name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(s.logit_bias)}",
+                              param="sampling.logit_bias")
+    for token, bias in s.logit_bias.items():
+        if token >= vocab_size:
+            raise InvalidArgument(f"Invalid key in 'logit_bias': {token}. The model's token ids are 0 to "
+                                  f"{vocab_size - 1}.", param="sampling.logit_bias")
+        _check_range(bias, -100.0, 100.0, "sampling.logit_bias")
+    return tuple(sorted(s.logit_bias.items()))
 
 
 def plan_generation(
@@ -69,6 +83,7 @@ def plan_generation(
     _check_range(top_p, 0.0, 1.0, "sampling.top_p")
     _check_range(s.presence_penalty, -2.0, 2.0, "sampling.presence_penalty")
     _check_range(s.frequency_penalty, -2.0, 2.0, "sampling.frequency_penalty")
+    logit_bias = _logit_bias(s, spec.tokenizer.vocab_size)
 
     stopping = request.stopping
     stops = tuple(stopping.stop_sequences)
@@ -114,6 +129,7 @@ def plan_generation(
         seed=s.seed if s.HasField("seed") else secrets.randbits(63),
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
+        logit_bias=logit_bias,
         guide=check_guide(request.guide),
         trace_headers=dict(trace_headers),
     )

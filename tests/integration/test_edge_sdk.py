@@ -142,6 +142,29 @@ async def test_models_through_the_sdk(edge_url):
         await asyncio.to_thread(client(edge_url, max_retries=0).models.retrieve, "nope")
 
 
+async def test_logit_bias_forces_and_bans_tokens(edge_url, triton, registry):
+    banana = registry.get(MODEL).tokenizer.token_bytes.index(b" banana")
+
+    def ask(**kw) -> str:
+        completion = client(edge_url).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=4, **kw)
+        return completion.choices[0].message.content
+
+    await model_idle(triton)
+    plain = await asyncio.to_thread(ask)
+    assert "banana" not in plain
+    assert await asyncio.to_thread(ask, logit_bias={str(banana): 100}) == " banana" * 4
+    # Every token the plain answer could start with, banned: it starts otherwise.
+    tokens = registry.get(MODEL).tokenizer.token_bytes
+    starts = [i for i, b in enumerate(tokens) if b and plain.encode().startswith(b)]
+    await model_idle(triton)
+    banned = await asyncio.to_thread(ask, logit_bias={str(i): -100 for i in starts})
+    assert banned and not any(banned.encode().startswith(tokens[i]) for i in starts)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await asyncio.to_thread(ask, logit_bias={"49152": 5})  # past the vocabulary
+    assert raised.value.param == "logit_bias" and "Invalid key in 'logit_bias'" in raised.value.message
+
+
 async def test_a_client_that_goes_away_stops_generation_in_the_model(edge_url, triton):
     before = model_metrics(triton)
     async_client = AsyncOpenAI(base_url=f"{edge_url}/v1", api_key=API_KEY)

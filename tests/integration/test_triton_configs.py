@@ -81,18 +81,27 @@ def test_inference_svc_only_sends_inputs_the_model_declares():
 
     declared = {i.name: i for i in parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt").input}
     request = EngineRequest("r", "llama3-8b", [1, 2, 3], 5, (2, 7, 9), 0.7, 0.9, 0, 42,
-                            guide=("json_schema", '{"type": "object"}'))
+                            guide=("json_schema", '{"type": "object"}'), logit_bias=((4, -100.0),))
     dtype = {"INT32": model_config_pb2.TYPE_INT32, "FP32": model_config_pb2.TYPE_FP32,
              "BOOL": model_config_pb2.TYPE_BOOL, "UINT64": model_config_pb2.TYPE_UINT64,
              "BYTES": model_config_pb2.TYPE_STRING}
-    sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, pad_id=2))
-    assert {"input_ids", "input_lengths", "request_output_len", "guided_decoding_guide"} <= {t.name() for t in sent}
+    sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, pad_id=2, vocab_size=128256))
+    assert {"input_ids", "input_lengths", "request_output_len", "guided_decoding_guide",
+            "embedding_bias"} <= {t.name() for t in sent}
     for tensor in sent:
         assert tensor.name() in declared, tensor.name()
         spec = declared[tensor.name()]
         assert dtype[tensor.datatype()] == spec.data_type, tensor.name()
         # batch dimension of 1, then the declared rank
         assert len(tensor.shape()) == 1 + len(spec.dims) and tensor.shape()[0] == 1, tensor.name()
+
+
+def test_the_production_registry_knows_the_production_models_vocabulary():
+    import tomllib
+
+    [model] = tomllib.loads((TRITON.parent / "inference" / "models.trtllm.toml").read_text())["models"]
+    config = parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt")
+    assert model["engine"]["vocab_size"] == int(config.parameters["vocab_size"].string_value)
 
 
 def test_the_registry_models_engine_tables_say_how_triton_runs_them():
@@ -105,7 +114,7 @@ def test_the_registry_models_engine_tables_say_how_triton_runs_them():
     registry = load_registry(str(TRITON.parent / "inference" / "models.cpu.toml"), lambda path: _Vocabulary())
     spec = registry.get("smollm2-135m-instruct")
     model = TritonModel.from_table(spec.id, spec.engine)
-    assert model == TritonModel("tensorrt_llm", end_id=2, pad_id=2)
+    assert model == TritonModel("tensorrt_llm", end_id=2, pad_id=2, vocab_size=49152)
 
     def sent(request: EngineRequest) -> dict:
         kinds = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
@@ -119,6 +128,11 @@ def test_the_registry_models_engine_tables_say_how_triton_runs_them():
     greedy = sent(EngineRequest("r", spec.id, [1], 5, (2,), 0.0, 0.9, 0, 42))
     assert (greedy["temperature"], greedy["runtime_top_p"], greedy["runtime_top_k"]) == ([1.0], [1.0], [1])
     assert "stop_words_list" not in greedy
+    # The logit bias goes as TensorRT-LLM's embedding_bias: one value per token of the vocabulary.
+    assert "embedding_bias" not in inputs
+    bias = sent(EngineRequest("r", spec.id, [1], 5, (2,), 0.7, 0.9, 0, 42, logit_bias=((5, -100.0), (9, 2.5))))
+    assert len(bias["embedding_bias"]) == 49152 and sum(bias["embedding_bias"]) == -97.5
+    assert bias["embedding_bias"][5] == -100.0 and bias["embedding_bias"][9] == 2.5
     with pytest.raises(ValueError, match="triton_model"):
         TritonModel.from_table("m", {"end_id": 2})
 

@@ -34,12 +34,21 @@ def request(**kw) -> pb.GenerateRequest:
         (dict(stopping=pb.StoppingCriteria(stop_sequences=["a", "b", "c", "d", "e"])), "stopping.stop_sequences"),
         (dict(stopping=pb.StoppingCriteria(stop_sequences=["ok", ""])), "stopping.stop_sequences[1]"),
         (dict(request_id="x" * 200), "request_id"),
+        (dict(sampling=pb.SamplingParameters(logit_bias={49152: 1.0})), "sampling.logit_bias"),  # past the vocabulary
+        (dict(sampling=pb.SamplingParameters(logit_bias={5: 101.0})), "sampling.logit_bias"),
+        (dict(sampling=pb.SamplingParameters(logit_bias={i: 1.0 for i in range(1025)})), "sampling.logit_bias"),
     ],
 )
 def test_invalid_requests_name_the_offending_field(registry, fields, param):
     with pytest.raises(InvalidArgument) as raised:
         plan_generation(request(**fields), registry)
     assert raised.value.param == param
+
+
+def test_the_logit_bias_reaches_the_engine_as_pairs_by_token_id(registry):
+    sampling = pb.SamplingParameters(logit_bias={900: -100.0, 12: 2.5})
+    assert plan_generation(request(sampling=sampling), registry).engine_request.logit_bias == ((12, 2.5), (900, -100.0))
+    assert plan_generation(request(), registry).engine_request.logit_bias == ()
 
 
 def test_an_unknown_model_is_not_found(registry):
