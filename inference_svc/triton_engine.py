@@ -52,19 +52,18 @@ class TritonModel:
     name: str
     #: the token TensorRT-LLM ends on; the model's other ending tokens go as stop words
     end_id: int
-    pad_id: int | None = None
     #: the model's vocabulary (its logits' length): embedding_bias, the logit bias, has one value each
-    vocab_size: int | None = None
+    vocab_size: int
+    pad_id: int | None = None
 
     @classmethod
     def from_table(cls, model_id: str, table: Mapping[str, Any]) -> TritonModel:
-        def optional(name: str) -> int | None:
-            return None if table.get(name) is None else int(table[name])
-
         try:
-            return cls(table["triton_model"], int(table["end_id"]), optional("pad_id"), optional("vocab_size"))
+            return cls(table["triton_model"], int(table["end_id"]), int(table["vocab_size"]),
+                       None if table.get("pad_id") is None else int(table["pad_id"]))
         except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"model {model_id}: its [models.engine] table needs triton_model and end_id ({error})") from None
+            raise ValueError(f"model {model_id}: its [models.engine] table needs triton_model, end_id and "
+                             f"vocab_size ({error})") from None
 
 
 def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
@@ -98,8 +97,6 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
     if model.pad_id is not None:
         inputs.append(_tensor("pad_id", i32(model.pad_id), "INT32"))
     if r.logit_bias:
-        if model.vocab_size is None:
-            raise InvalidArgument(f"{r.model} takes no logit_bias", param="sampling.logit_bias")
         bias = np.zeros((1, model.vocab_size), dtype=np.float32)
         for token, value in r.logit_bias:
             bias[0, token] = value

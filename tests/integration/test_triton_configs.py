@@ -85,7 +85,7 @@ def test_inference_svc_only_sends_inputs_the_model_declares():
     dtype = {"INT32": model_config_pb2.TYPE_INT32, "FP32": model_config_pb2.TYPE_FP32,
              "BOOL": model_config_pb2.TYPE_BOOL, "UINT64": model_config_pb2.TYPE_UINT64,
              "BYTES": model_config_pb2.TYPE_STRING}
-    sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, pad_id=2, vocab_size=128256))
+    sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, vocab_size=128256, pad_id=2))
     assert {"input_ids", "input_lengths", "request_output_len", "guided_decoding_guide",
             "embedding_bias"} <= {t.name() for t in sent}
     for tensor in sent:
@@ -114,7 +114,7 @@ def test_the_registry_models_engine_tables_say_how_triton_runs_them():
     registry = load_registry(str(TRITON.parent / "inference" / "models.cpu.toml"), lambda path: _Vocabulary())
     spec = registry.get("smollm2-135m-instruct")
     model = TritonModel.from_table(spec.id, spec.engine)
-    assert model == TritonModel("tensorrt_llm", end_id=2, pad_id=2, vocab_size=49152)
+    assert model == TritonModel("tensorrt_llm", end_id=2, vocab_size=49152, pad_id=2)
 
     def sent(request: EngineRequest) -> dict:
         kinds = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
@@ -134,7 +134,9 @@ def test_the_registry_models_engine_tables_say_how_triton_runs_them():
     assert len(bias["embedding_bias"]) == 49152 and sum(bias["embedding_bias"]) == -97.5
     assert bias["embedding_bias"][5] == -100.0 and bias["embedding_bias"][9] == 2.5
     with pytest.raises(ValueError, match="triton_model"):
-        TritonModel.from_table("m", {"end_id": 2})
+        TritonModel.from_table("m", {"end_id": 2, "vocab_size": 8})
+    with pytest.raises(ValueError, match="vocab_size"):
+        TritonModel.from_table("m", {"triton_model": "tensorrt_llm", "end_id": 2})
 
 
 class _Vocabulary:

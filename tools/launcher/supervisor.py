@@ -3,8 +3,9 @@
 Each child is started and waited on until ready, in order. After that, a child that exits is
 reported (with the tail of its log) and started again after a backoff that doubles from 1 s up
 to 30 s and resets once a child has stayed up for a minute. A child may also say it is broken
-while it runs (Triton whose model stub died): it is then killed and restarted the same way. What runs where is written to a
-state file that `cloudach status` reads. stop_all() stops the children in reverse order.
+while it runs (Triton whose model stub died): it is then killed and restarted the same way.
+What runs where is written to a state file that `cloudach status` reads. stop_all() stops the
+children in reverse order.
 """
 
 from __future__ import annotations

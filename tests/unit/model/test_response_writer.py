@@ -7,7 +7,7 @@ import numpy as np
 
 from tests.unit.model import triton_fakes as pb
 from triton_model.request import Limits, parse
-from triton_model.serving import Job, Metrics, ResponseWriter, Step
+from triton_model.serving import Job, Metrics, ResponseWriter, Step, TritonInputs
 
 LIMITS = Limits(n_vocab=100, max_sequence_tokens=64, max_return_sequences=4, kv_cache_tokens=256)
 
@@ -20,16 +20,8 @@ class BrokenSender(pb.Sender):
 def job(writer: ResponseWriter, rid: str, sender: pb.Sender) -> Job:
     triton_request = pb.Request(rid, input_ids=np.array([[1, 2, 3]], np.int32),
                                 request_output_len=np.array([[8]], np.int32), streaming=np.array([[True]]))
-    request = parse(rid, _Inputs(triton_request), LIMITS)
+    request = parse(rid, TritonInputs(pb, triton_request), LIMITS)
     return Job(request, triton_request, sender, pb, Metrics(pb, "m"), writer)
-
-
-class _Inputs:
-    def __init__(self, triton_request: pb.Request) -> None:
-        self._request = triton_request
-
-    def get(self, name):
-        return self._request.inputs.get(name)
 
 
 def test_responses_go_out_in_order_and_a_broken_caller_is_cancelled_alone():
