@@ -205,8 +205,8 @@ class TritonDriver:
                                 tuple(self.spec.stop_token_ids), 0.0, 1.0, 0, 0)
         clock = _Clock()
         try:
-            async for ids in self.engine.generate(request):
-                clock.tokens(len(ids))
+            async for step in self.engine.generate(request):
+                clock.tokens(len(step.token_ids))
         except CloudachError as failure:
             return StreamResult(ok=False, error=type(failure).__name__)
         clock.result.ok = True

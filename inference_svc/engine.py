@@ -12,6 +12,19 @@ from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """New tokens of one generated sequence (one choice of a request asking for several)."""
+
+    token_ids: list[int]
+    #: which sequence, 0 to n - 1
+    index: int = 0
+    #: each token's log probability, when the request asked for them
+    log_probs: list[float] | None = None
+    #: for each token, the most likely alternatives as (token id, log probability), best first
+    top_log_probs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineRequest:
     request_id: str
     model: str  # the registry's (public) model id; the engine knows how it runs it
@@ -29,13 +42,18 @@ class EngineRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     #: structured output: (json | json_schema | regex | ebnf_grammar, its text), checked already
     guide: tuple[str, str] | None = None
+    #: sequences generated from the one prompt (OpenAI's n)
+    n: int = 1
+    #: whether each token's log probability is returned, and how many alternatives with it
+    log_probs: bool = False
+    top_log_probs: int = 0
     #: W3C trace context for the backend's own spans (traceparent, tracestate)
     trace_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Engine(Protocol):
-    def generate(self, request: EngineRequest) -> AsyncIterator[list[int]]:
-        """Yields the ids generated at each step until the model finishes.
+    def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
+        """Yields each sequence's new tokens, step by step, until every sequence has finished.
 
         Closing the iterator early (or cancelling the task reading it) cancels the generation in
         the model. Failures raise cloudach.errors exceptions (Unavailable, ResourceExhausted...).

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from cloudach.errors import DeadlineExceeded, InvalidArgument
+from cloudach.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
-from inference_svc.engine import Engine, EngineRequest
+from inference_svc.engine import Engine, EngineRequest, Step
 from inference_svc.guides import check_guide
 from inference_svc.registry import ModelRegistry, ModelSpec
 from inference_svc.templates import Message
@@ -29,6 +29,8 @@ MAX_STOP_SEQUENCE_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 #: bounds the work of one request's bias (OpenAI publishes no limit; this is generous)
 MAX_LOGIT_BIAS_TOKENS = 1024
+#: OpenAI's limit on top_logprobs
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,25 @@ def _logit_bias(s: pb.SamplingParameters, vocab_size: int) -> tuple[tuple[int, f
     return tuple(sorted(s.logit_bias.items()))
 
 
+def _prompt_ids(request: pb.GenerateRequest, spec: ModelSpec) -> list[int]:
+    """The prompt's token ids: the chat rendered with the model's template, or the raw prompt."""
+    if request.HasField("prompt"):
+        if request.messages:
+            raise InvalidArgument("give either messages or a prompt, not both", param="prompt")
+        ids = spec.encode_prompt(request.prompt)
+        if not ids:
+            raise InvalidArgument("the prompt must not be empty", param="prompt")
+        return ids
+    if not request.messages:
+        raise InvalidArgument("messages must hold at least one message", param="messages")
+    messages = []
+    for i, m in enumerate(request.messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role is not a valid role", param=f"messages[{i}].role")
+        messages.append(Message(ROLES[m.role], m.content))
+    return spec.encode_chat(messages)
+
+
 def plan_generation(
     request: pb.GenerateRequest, registry: ModelRegistry, trace_headers: Mapping[str, str] = {}
 ) -> Plan:
@@ -68,13 +89,15 @@ def plan_generation(
     spec = registry.get(request.model)
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters", param="request_id")
-    if not request.messages:
-        raise InvalidArgument("messages must hold at least one message", param="messages")
-    messages = []
-    for i, m in enumerate(request.messages):
-        if m.role not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role is not a valid role", param=f"messages[{i}].role")
-        messages.append(Message(ROLES[m.role], m.content))
+    n = request.n or 1
+    if n > spec.max_choices:
+        raise InvalidArgument(f"{n} is greater than the maximum of {spec.max_choices} for 'n' with {spec.id}.",
+                              param="n", code="invalid_value")
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"{request.top_logprobs} is greater than the maximum of {MAX_TOP_LOGPROBS} for "
+                              "'top_logprobs'.", param="top_logprobs", code="invalid_value")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidArgument("'logprobs' must be set to true when 'top_logprobs' is used.", param="top_logprobs")
 
     s = request.sampling
     temperature = s.temperature if s.HasField("temperature") else spec.default_temperature
@@ -96,7 +119,7 @@ def plan_generation(
                 param=f"stopping.stop_sequences[{i}]",
             )
 
-    prompt_ids = spec.encode_chat(messages)
+    prompt_ids = _prompt_ids(request, spec)
     room = spec.context_window - len(prompt_ids)
     if stopping.HasField("max_new_tokens"):
         max_new = stopping.max_new_tokens
@@ -131,6 +154,9 @@ def plan_generation(
         frequency_penalty=s.frequency_penalty,
         logit_bias=logit_bias,
         guide=check_guide(request.guide),
+        n=n,
+        log_probs=request.logprobs,
+        top_log_probs=request.top_logprobs,
         trace_headers=dict(trace_headers),
     )
     return Plan(spec=spec, engine_request=engine_request, stop_sequences=stops)
@@ -145,6 +171,90 @@ class Outcome:
     time_to_first_token_ns: int = 0
 
 
+def _log_prob(token_bytes: bytes, log_prob: float) -> pb.TokenLogProb:
+    return pb.TokenLogProb(token=token_bytes.decode("utf-8", "backslashreplace"), logprob=log_prob, bytes=token_bytes)
+
+
+class _Choice:
+    """One sequence of a generation: its tokens detokenized, cut at stop sequences, counted, and
+    (when asked) its log probs released with the text they complete."""
+
+    __slots__ = ("index", "_plan", "_table", "_detokenizer", "_stops", "generated", "_unreported", "matched",
+                 "_ended_by_model", "done", "finish_reason", "_pending", "_pending_bytes", "_emitted_bytes")
+
+    def __init__(self, index: int, plan: Plan) -> None:
+        self.index = index
+        self._plan = plan
+        self._table = plan.spec.tokenizer.token_bytes
+        self._detokenizer = IncrementalDetokenizer(self._table)
+        self._stops = StopMatcher(plan.stop_sequences)
+        self.generated = self._unreported = 0
+        self.matched: str | None = None
+        self._ended_by_model = False
+        self.done = False
+        self.finish_reason = pb.FINISH_REASON_UNSPECIFIED
+        #: log probs of tokens whose text has not all been sent, with the bytes up to each one's end
+        self._pending: list[tuple[pb.TokenLogProb, int]] = []
+        self._pending_bytes = self._emitted_bytes = 0
+
+    def push(self, step: Step) -> pb.TokenDelta | None:
+        request = self._plan.engine_request
+        ids = step.token_ids[: request.max_new_tokens - self.generated]  # never more than asked
+        cut = next((i for i, t in enumerate(ids) if t in self._plan.spec.stop_token_ids), -1)
+        visible = ids if cut < 0 else ids[:cut]
+        counted = len(ids) if cut < 0 else cut + 1
+        self.generated += counted
+        self._unreported += counted
+        if request.log_probs and visible:
+            self._hold_log_probs(step, visible)
+        text, self.matched = self._stops.push(self._detokenizer.push(visible)) if visible else ("", None)
+        if self.matched is not None or cut >= 0:
+            self._ended_by_model = cut >= 0
+            self.done = True
+        elif self.generated >= request.max_new_tokens:
+            self.done = True
+        return self._delta(text)
+
+    def finish(self) -> tuple[pb.TokenDelta | None, pb.ChoiceFinished]:
+        """What is left of the text once the sequence has ended, and the choice's end."""
+        tail = ""
+        if self.matched is None:
+            tail, self.matched = self._stops.push(self._detokenizer.flush())
+            tail += "" if self.matched is not None else self._stops.flush()
+        delta = self._delta(tail, final=self.matched is None)
+        self.done = True
+        length = self.generated >= self._plan.engine_request.max_new_tokens and self.matched is None
+        self.finish_reason = pb.FINISH_REASON_LENGTH if length and not self._ended_by_model else pb.FINISH_REASON_STOP
+        return delta, pb.ChoiceFinished(index=self.index, finish_reason=self.finish_reason,
+                                        completion_tokens=self.generated,
+                                        matched_stop_sequence=self.matched or "")
+
+    def _hold_log_probs(self, step: Step, visible: list[int]) -> None:
+        if step.log_probs is None or len(step.log_probs) < len(visible):
+            raise Unavailable("the model returned no log probs for a request that asked for them")
+        tops = step.top_log_probs or ()
+        for i, token in enumerate(visible):
+            entry = _log_prob(self._table[token], step.log_probs[i])
+            if self._plan.engine_request.top_log_probs and i < len(tops):
+                entry.top_logprobs.extend(_log_prob(self._table[t], lp) for t, lp in tops[i])
+            self._pending_bytes += len(entry.bytes)
+            self._pending.append((entry, self._pending_bytes))
+
+    def _delta(self, text: str, final: bool = False) -> pb.TokenDelta | None:
+        released: list[pb.TokenLogProb] = []
+        if self._plan.engine_request.log_probs:
+            self._emitted_bytes += len(text.encode())
+            done = len(self._pending) if final else next(
+                (i for i, (_, end) in enumerate(self._pending) if end > self._emitted_bytes), len(self._pending))
+            released = [entry for entry, _ in self._pending[:done]]
+            del self._pending[:done]
+        if not text and not released:
+            return None
+        delta = pb.TokenDelta(text=text, token_count=self._unreported, index=self.index, logprobs=released)
+        self._unreported = 0
+        return delta
+
+
 async def stream_generation(
     plan: Plan,
     engine: Engine,
@@ -152,57 +262,58 @@ async def stream_generation(
     outcome: Outcome | None = None,
     clock: Callable[[], int] = time.monotonic_ns,
 ) -> AsyncIterator[pb.GenerateResponse]:
-    """TokenDelta events as text becomes final, then exactly one Finished event."""
+    """TokenDelta events as each choice's text becomes final, a ChoiceFinished event as each one
+    ends, then exactly one Finished event."""
     outcome = outcome if outcome is not None else Outcome()
     start = clock()
     deadline = start + int(max_request_s * 1e9)
     request = plan.engine_request
-    end_ids = plan.spec.stop_token_ids
-    detokenizer = IncrementalDetokenizer(plan.spec.tokenizer.token_bytes)
-    stops = StopMatcher(plan.stop_sequences)
-    generated = unreported = 0
-    matched: str | None = None
-    ended_by_model = False
+    choices = [_Choice(i, plan) for i in range(request.n)]
+    running = len(choices)
+
+    def end(choice: _Choice):
+        nonlocal running
+        running -= 1
+        delta, finished = choice.finish()
+        if delta is not None:
+            yield pb.GenerateResponse(delta=delta)
+        yield pb.GenerateResponse(choice_finished=finished)
 
     async with aclosing(engine.generate(request)) as steps:
-        async for ids in steps:
-            if not ids:
+        async for step in steps:
+            if not step.token_ids:
                 continue
-            if len(ids) > request.max_new_tokens - generated:
-                ids = ids[: request.max_new_tokens - generated]  # never more than asked, whatever the backend does
+            if not 0 <= step.index < len(choices):
+                raise Unavailable(f"the model returned sequence {step.index} of a request for {len(choices)}")
+            choice = choices[step.index]
+            if choice.done:
+                continue  # ended by a stop sequence while the model went on
             if not outcome.time_to_first_token_ns:
                 outcome.time_to_first_token_ns = clock() - start
-            cut = next((i for i, t in enumerate(ids) if t in end_ids), -1)
-            visible = ids if cut < 0 else ids[:cut]
-            counted = len(ids) if cut < 0 else cut + 1
-            generated += counted
-            unreported += counted
-            text, matched = stops.push(detokenizer.push(visible)) if visible else ("", None)
-            if text:
-                yield pb.GenerateResponse(delta=pb.TokenDelta(text=text, token_count=unreported))
-                unreported = 0
-            if matched is not None or cut >= 0:
-                ended_by_model = cut >= 0
-                break
-            if generated >= request.max_new_tokens:
-                break
+            delta = choice.push(step)
+            if delta is not None:
+                yield pb.GenerateResponse(delta=delta)
+            if choice.done:
+                for event in end(choice):
+                    yield event
+                if not running:
+                    break
             if clock() > deadline:
                 raise DeadlineExceeded(f"generation ran past the {max_request_s:g}s limit")
         # Leaving the block closes the engine's stream: after a stop sequence that cancels the model.
 
-    if matched is None:
-        tail, matched = stops.push(detokenizer.flush())
-        tail += "" if matched is not None else stops.flush()
-        if tail:
-            yield pb.GenerateResponse(delta=pb.TokenDelta(text=tail, token_count=unreported))
-    length_reached = generated >= request.max_new_tokens and matched is None and not ended_by_model
-    outcome.completion_tokens = generated
-    outcome.finish_reason = pb.FINISH_REASON_LENGTH if length_reached else pb.FINISH_REASON_STOP
+    for choice in choices:
+        if not choice.done:  # the model ended it (its context window, say) without an end token
+            for event in end(choice):
+                yield event
+    first = choices[0]
+    outcome.completion_tokens = sum(c.generated for c in choices)
+    outcome.finish_reason = first.finish_reason
     yield pb.GenerateResponse(
         finished=pb.Finished(
             finish_reason=outcome.finish_reason,
-            usage=pb.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=generated),
+            usage=pb.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=outcome.completion_tokens),
             timing=pb.Timing(time_to_first_token_ns=outcome.time_to_first_token_ns, total_ns=clock() - start),
-            matched_stop_sequence=matched or "",
+            matched_stop_sequence=first.matched or "",
         )
     )

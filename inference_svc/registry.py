@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudach.errors import NotFound
-from inference_svc.templates import TEMPLATES, Message, Piece
+from inference_svc.templates import RAW_PREFIXES, TEMPLATES, Message, Piece
 from inference_svc.tokenizer import Tokenizer, encode_pieces, load_tokenizer
 
 
@@ -26,6 +26,8 @@ class ModelSpec:
     default_max_tokens: int
     max_output_tokens: int
     default_system_prompt: str | None = None
+    #: the most choices (n) one request may ask for
+    max_choices: int = 8
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     owned_by: str = "cloudach"
@@ -38,6 +40,10 @@ class ModelSpec:
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         return encode_pieces(self.tokenizer, self.render(messages))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt (no chat template), after what the model expects first (e.g. its BOS)."""
+        return encode_pieces(self.tokenizer, [*RAW_PREFIXES[self.chat_template], text] if text else [])
 
 
 class ModelRegistry:

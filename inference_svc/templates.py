@@ -63,6 +63,12 @@ TEMPLATES: dict[str, Callable[[Sequence[Message], str | None], list[Piece]]] = {
     "llama3": llama3,
 }
 
+#: what each template's model expects before a raw prompt (the legacy completions API)
+RAW_PREFIXES: dict[str, tuple[Piece, ...]] = {
+    "chatml": (),
+    "llama3": (Special("<|begin_of_text|>"),),
+}
+
 
 def render_text(pieces: Sequence[Piece]) -> str:
     """The template as one string, as a Jinja chat template would print it."""

@@ -23,7 +23,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from cloudach.errors import CloudachError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from inference_svc.engine import EngineRequest
+from inference_svc.engine import EngineRequest, Step
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("cloudach.inference_svc")
@@ -108,7 +108,36 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
             inputs.append(_tensor("guided_decoding_guide", np.array([[text.encode()]], dtype=np.object_), "BYTES"))
     if stop_words:
         inputs.append(_tensor("stop_words_list", _stop_words_list(stop_words), "INT32"))
+    if r.n > 1:
+        inputs.append(_tensor("num_return_sequences", i32(r.n), "INT32"))
+    if r.log_probs or r.top_log_probs:
+        inputs.append(_tensor("return_log_probs", np.array([[True]]), "BOOL"))
+    if r.top_log_probs:
+        inputs.append(_tensor("num_top_log_probs", i32(r.top_log_probs), "INT32"))
     return inputs
+
+
+def parse_step(result: Any) -> Step | None:
+    """One streamed response as a Step (None for a response without tokens, e.g. an empty final one)."""
+    ids = result.as_numpy("output_ids")
+    if ids is None or ids.size == 0:
+        return None
+    token_ids = ids.reshape(-1).tolist()
+    index = result.as_numpy("sequence_index")
+    log_probs = result.as_numpy("output_log_probs")
+    top_ids, top_lps = result.as_numpy("top_log_prob_ids"), result.as_numpy("top_log_probs")
+    top = None
+    if top_ids is not None and top_lps is not None:
+        k = top_ids.shape[-1]
+        # The model pads a row with id -1 where fewer than k alternatives exist.
+        top = [[(int(t), float(lp)) for t, lp in zip(row_ids, row_lps) if t >= 0]
+               for row_ids, row_lps in zip(top_ids.reshape(-1, k), top_lps.reshape(-1, k))]
+    return Step(
+        token_ids,
+        index=0 if index is None else int(index.reshape(-1)[0]),
+        log_probs=None if log_probs is None else log_probs.reshape(-1).tolist(),
+        top_log_probs=top,
+    )
 
 
 def _in_band_error(error: InferenceServerException) -> CloudachError:
@@ -159,23 +188,23 @@ class TritonEngine:
         self._in_flight = [0] * len(urls)
         self._token_timeout_s = token_timeout_s
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[int]]:
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         # Fail over to the next server only while nothing has been generated: after that a
         # retry would repeat text the caller has already seen.
         order = sorted(range(len(self._clients)), key=self._in_flight.__getitem__)
         for attempt, index in enumerate(order):
             started = False
             try:
-                async for ids in self._stream(index, request):
+                async for step in self._stream(index, request):
                     started = True
-                    yield ids
+                    yield step
                 return
             except Unavailable:
                 if started or attempt == len(order) - 1:
                     raise
                 log.warning("triton endpoint %d unavailable, trying the next one", index)
 
-    async def _stream(self, index: int, request: EngineRequest) -> AsyncIterator[list[int]]:
+    async def _stream(self, index: int, request: EngineRequest) -> AsyncIterator[Step]:
         finished = asyncio.Event()
         model = self._models[request.model]
 
@@ -213,8 +242,9 @@ class TritonEngine:
                     raise _rpc_error(rpc_error) from None
                 if error is not None:
                     raise _in_band_error(error)
-                ids = result.as_numpy("output_ids")
-                yield [] if ids is None else ids.reshape(-1).tolist()
+                step = parse_step(result)
+                if step is not None:
+                    yield step
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return

@@ -6,12 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from inference_svc.engine import EngineRequest
+from inference_svc.engine import EngineRequest, Step
+
+#: the log probability the fake gives every token it yields; alternatives follow, each 1 lower
+FAKE_LOG_PROB = -0.25
 
 
 @dataclass
 class FakeEngine:
-    """Yields `steps` (lists of token ids) one by one, `delay_s` apart.
+    """Yields `steps` (lists of token ids) one by one, `delay_s` apart, for each of the request's
+    n sequences in turn; with log probs asked for, FAKE_LOG_PROB for each token and top
+    alternatives of the next ids down.
 
     fail_after: raise `error` after that many steps. Records every request, and whether the
     generation was cancelled (its iterator closed or its task cancelled before the end).
@@ -26,7 +31,7 @@ class FakeEngine:
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[int]]:
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         self.requests.append(request)
         done = False
         try:
@@ -35,10 +40,18 @@ class FakeEngine:
                     raise self.error or RuntimeError("fake engine failure")
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
-                yield list(ids)
+                for index in range(request.n):
+                    yield self._step(request, list(ids), index)
             done = True
         finally:
             (self.completed if done else self.cancelled).append(request.request_id)
+
+    @staticmethod
+    def _step(request: EngineRequest, ids: list[int], index: int) -> Step:
+        if not request.log_probs:
+            return Step(ids, index)
+        top = [[(t - k, FAKE_LOG_PROB - k) for k in range(request.top_log_probs)] for t in ids]
+        return Step(ids, index, [FAKE_LOG_PROB] * len(ids), top if request.top_log_probs else None)
 
     async def model_ready(self, model: str) -> bool:
         return self.ready

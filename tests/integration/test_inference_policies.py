@@ -102,7 +102,7 @@ async def test_a_valid_request_is_acknowledged_with_its_prompt_size_before_any_t
                 first = await call.read()
             assert first.WhichOneof("event") == "accepted" and first.accepted.prompt_tokens > 0
             events = [e.WhichOneof("event") async for e in call]
-            assert events == ["delta", "finished"]
+            assert events == ["delta", "choice_finished", "finished"]
             refused = stub.Generate(pb.GenerateRequest(model="nope", messages=CHAT))
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await refused.read()  # no Accepted: the refusal is the first thing the caller sees

@@ -159,3 +159,64 @@ async def test_a_backend_that_overshoots_max_tokens_is_cut_at_the_limit(registry
 
 def tok_text(tok, ids):
     return b"".join(tok.token_bytes[i] for i in ids).decode()
+
+
+@pytest.mark.parametrize("fields, param", [
+    (dict(n=9), "n"),  # past the model's max_choices (8)
+    (dict(top_logprobs=21, logprobs=True), "top_logprobs"),
+    (dict(top_logprobs=2), "top_logprobs"),  # without logprobs
+    (dict(prompt="raw"), "prompt"),  # a prompt and messages
+    (dict(prompt="", messages=[]), "prompt"),
+])
+def test_choices_log_probs_and_raw_prompts_are_checked(registry, fields, param):
+    with pytest.raises(InvalidArgument) as raised:
+        plan_generation(request(**fields), registry)
+    assert raised.value.param == param
+
+
+def test_a_raw_prompt_skips_the_chat_template(registry):
+    tok = registry.get(MODEL).tokenizer
+    plan = plan_generation(request(messages=[], prompt="Once upon a time"), registry)
+    assert plan.engine_request.input_ids == tok.encode("Once upon a time")
+
+
+async def test_each_choice_streams_its_own_text_and_ends_with_its_own_reason(registry):
+    tok = registry.get(MODEL).tokenizer
+    ids = tok.encode("one two three")
+    engine = FakeEngine(steps=[[i] for i in ids])
+    plan = plan_generation(request(n=3, stopping=pb.StoppingCriteria(max_new_tokens=len(ids))), registry)
+    assert plan.engine_request.n == 3
+    events = await collect(plan, engine)
+    for index in range(3):
+        assert "".join(e.delta.text for e in events if e.HasField("delta") and e.delta.index == index) == "one two three"
+    ends = [e.choice_finished for e in events if e.HasField("choice_finished")]
+    assert sorted(c.index for c in ends) == [0, 1, 2]
+    assert all(c.finish_reason == pb.FINISH_REASON_LENGTH and c.completion_tokens == len(ids) for c in ends)
+    assert events[-1].finished.usage.completion_tokens == 3 * len(ids)  # the prompt once, every choice's tokens
+    assert events[-1].finished.usage.prompt_tokens == plan.prompt_tokens
+
+
+async def test_log_probs_come_with_the_text_they_complete_and_concatenate_to_it(registry):
+    from tests.fakes import FAKE_LOG_PROB
+
+    tok = registry.get(MODEL).tokenizer
+    text = "Hé, naïve café ☕ done"
+    ids = tok.encode(text)
+    engine = FakeEngine(steps=[[i] for i in ids] + [[2]])
+    plan = plan_generation(request(logprobs=True, top_logprobs=2), registry)
+    events = await collect(plan, engine)
+    deltas = [e.delta for e in events if e.HasField("delta")]
+    entries = [t for d in deltas for t in d.logprobs]
+    assert len(entries) == len(ids)  # the end token is not part of the content
+    assert b"".join(t.bytes for t in entries).decode() == text == "".join(d.text for d in deltas)
+    assert all(t.logprob == FAKE_LOG_PROB and len(t.top_logprobs) == 2 for t in entries)
+    assert entries[0].top_logprobs[1].logprob == FAKE_LOG_PROB - 1
+
+
+async def test_a_stop_sequence_drops_the_log_probs_of_the_tokens_it_holds_back(registry):
+    tok = registry.get(MODEL).tokenizer
+    engine = FakeEngine(steps=[[i] for i in tok.encode("one two three four")])
+    plan = plan_generation(request(logprobs=True, stopping=pb.StoppingCriteria(stop_sequences=[" three"])), registry)
+    events = await collect(plan, engine)
+    entries = [t for e in events if e.HasField("delta") for t in e.delta.logprobs]
+    assert b"".join(t.bytes for t in entries).decode() == text_of(events) == "one two"
