@@ -16,7 +16,7 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.telemetry import client_interceptors
-from edge import chat, health, models, openapi, usage
+from edge import chat, completions, health, models, openapi, usage
 from edge.admission import Admission
 from edge.auth import Authenticator
 from edge.billing import ServiceToken, UsageOutbox, deliver_forever
@@ -79,6 +79,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.on_response_prepare.append(common_headers)
     app.on_response_prepare.append(record_status)
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
+    app.router.add_post("/v1/completions", completions.create_completion)
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.retrieve_model)
     app.router.add_get("/v1/usage", usage.get_usage)

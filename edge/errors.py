@@ -72,6 +72,10 @@ _PUBLIC_PARAMS = {
     "sampling.seed": "seed",
     "stopping.stop_sequences": "stop",
     "messages": "messages",
+    "n": "n",
+    "num_return_sequences": "n",
+    "top_logprobs": "top_logprobs",
+    "prompt": "prompt",
 }
 
 

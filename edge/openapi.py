@@ -41,7 +41,7 @@ def document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Cloudach API", "version": "1.0.0",
-                 "description": "OpenAI-compatible chat completions, streamed as Server-Sent Events."},
+                 "description": "OpenAI-compatible chat and legacy completions, streamed as Server-Sent Events."},
         "servers": [{"url": "/"}],
         "security": [{"ApiKeyAuth": []}],
         "paths": {
@@ -49,6 +49,16 @@ def document() -> dict:
                 "operationId": "createChatCompletion",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CreateChatCompletionRequest")}}},
                 "responses": _responses(chat_ok),
+            }},
+            "/v1/completions": {"post": {
+                "operationId": "createCompletion",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CreateCompletionRequest")}}},
+                "responses": _responses({
+                    "description": "A text_completion object, or with `stream: true` Server-Sent Events whose "
+                                   "`data:` payloads are text_completion objects, ending with `data: [DONE]`.",
+                    "content": {"application/json": {"schema": _ref("CreateCompletionResponse")},
+                                "text/event-stream": {"schema": _ref("CreateCompletionResponse")}},
+                }),
             }},
             "/v1/models": {"get": {
                 "operationId": "listModels",
@@ -66,6 +76,8 @@ def document() -> dict:
                 "CreateChatCompletionRequest": schema.CREATE_CHAT_COMPLETION_REQUEST,
                 "CreateChatCompletionResponse": schema.CHAT_COMPLETION,
                 "CreateChatCompletionStreamResponse": schema.CHAT_COMPLETION_CHUNK,
+                "CreateCompletionRequest": schema.CREATE_COMPLETION_REQUEST,
+                "CreateCompletionResponse": schema.TEXT_COMPLETION,
                 "Model": schema.MODEL,
                 "ListModelsResponse": schema.MODEL_LIST,
                 "ErrorResponse": schema.ERROR_RESPONSE,

@@ -72,8 +72,6 @@ NEUTRAL_VALUES: dict[str, list[Any]] = {
     "parallel_tool_calls": [None, True, False],
     "functions": [None, []],
     "function_call": [None, "none", "auto"],
-    "logprobs": [None, False],
-    "top_logprobs": [None, 0],
     "store": [None, False],
     "metadata": [None, {}],
     "service_tier": [None, "auto", "default"],
@@ -109,7 +107,11 @@ CREATE_CHAT_COMPLETION_REQUEST: Schema = {
             "description": "Token ids (as strings) mapped to a bias, -100 to 100, added to their logits before "
                            "sampling: -100 in effect bans a token, 100 in effect forces it.",
         }),
-        "n": nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "Only 1 is supported."}),
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": 128,
+                       "description": "How many choices to generate; each model has its maximum (8 by default)."}),
+        "logprobs": nullable({"type": "boolean", "description": "Return each output token's log probability."}),
+        "top_logprobs": nullable({"type": "integer", "minimum": 0, "maximum": 20,
+                                  "description": "With logprobs: the most likely tokens at each position, 0 to 20."}),
         "stream": nullable({"type": "boolean"}),
         "stream_options": nullable(
             {
@@ -124,6 +126,32 @@ CREATE_CHAT_COMPLETION_REQUEST: Schema = {
            for name, values in NEUTRAL_VALUES.items()},
     },
     "required": ["model", "messages"],
+    "additionalProperties": False,
+}
+
+#: Fields chat and legacy completions define alike.
+_COMMON = {k: CREATE_CHAT_COMPLETION_REQUEST["properties"][k] for k in (
+    "model", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "n",
+    "stream", "stream_options", "user")}
+
+CREATE_COMPLETION_REQUEST: Schema = {
+    "type": "object",
+    "description": "The legacy completions API: the prompt goes to the model as it is, without a chat template.",
+    "properties": {
+        **_COMMON,
+        "prompt": {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1,
+                   "description": "A string, or an array of strings: n choices for each. Token arrays are not "
+                                  "supported."},
+        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1,
+                                "description": "Default 16, as OpenAI's."}),
+        "echo": nullable({"type": "boolean", "description": "Return the prompt before the completion."}),
+        "logprobs": nullable({"type": "integer", "minimum": 0, "maximum": 5,
+                              "description": "Log probs of each token and of this many most likely ones."}),
+        "best_of": nullable({"type": "integer", "minimum": 1, "maximum": 20,
+                             "description": "Only n (no extra candidates) is supported."}),
+        "suffix": nullable({"type": "string", "description": "Not supported (insertion): refused unless null."}),
+    },
+    "required": ["model", "prompt"],
     "additionalProperties": False,
 }
 
@@ -150,7 +178,7 @@ def _completion(object_name: str, choice: Schema, usage: Schema, description: st
             "created": {"type": "integer"},
             "model": {"type": "string"},
             "choices": {"type": "array", "items": {"type": "object", "properties": {
-                "index": {"type": "integer"}, **choice, "logprobs": {"type": "null"}}}},
+                "index": {"type": "integer"}, **choice, "logprobs": {"type": ["object", "null"]}}}},
             "usage": usage,
         },
     }
@@ -180,6 +208,13 @@ CHAT_COMPLETION_CHUNK = _completion(
     },
     {"anyOf": [USAGE, {"type": "null"}]},
     "One Server-Sent Event `data:` payload of a streamed chat completion.",
+)
+
+TEXT_COMPLETION = _completion(
+    "text_completion",
+    {"text": {"type": "string"}, "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", None]}},
+    {"anyOf": [USAGE, {"type": "null"}]},
+    "A legacy completion; streamed, each Server-Sent Event `data:` payload is one of these.",
 )
 
 MODEL: Schema = {

@@ -167,7 +167,9 @@ async def test_a_slow_reader_gets_merged_events_and_the_whole_text(registry, aut
         ({**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_value"),
         ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages[0].content[0].type", "invalid_value"),
-        ({**CHAT, "n": 2}, "n", "integer_above_max_value"),
+        ({**CHAT, "n": 200}, "n", "integer_above_max_value"),
+        ({**CHAT, "n": 9}, "n", "invalid_value"),  # past the model's maximum, checked by inference_svc
+        ({**CHAT, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", None),
         ({**CHAT, "wat": 1}, None, None),
@@ -246,7 +248,7 @@ async def test_health_ready_and_openapi(registry, auth):
                 doc = await r.json()
     assert doc["openapi"].startswith("3.")
     assert doc["components"]["schemas"]["CreateChatCompletionRequest"] == json.loads(json.dumps(CREATE_CHAT_COMPLETION_REQUEST))
-    assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/models", "/v1/models/{model}"}
+    assert set(doc["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}"}
 
 
 async def test_ready_is_503_when_no_model_is_ready(registry, auth):

@@ -17,7 +17,7 @@ CHAT = {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
 def test_messages_sampling_and_stopping_are_carried_over():
     chat = parse_chat_request({**CHAT, "temperature": 0.2, "top_p": 0.5, "seed": 7, "max_completion_tokens": 9,
                                "stop": "END", "stream": True, "stream_options": {"include_usage": True}})
-    g = chat.generate
+    g = chat.generates[0]
     assert [(m.role, m.content) for m in g.messages] == [(pb.ROLE_SYSTEM, "Be brief."), (pb.ROLE_USER, "Hi there")]
     assert (round(g.sampling.temperature, 6), g.sampling.top_p, g.sampling.seed) == (0.2, 0.5, 7)
     assert g.stopping.max_new_tokens == 9 and list(g.stopping.stop_sequences) == ["END"]
@@ -27,7 +27,7 @@ def test_messages_sampling_and_stopping_are_carried_over():
 
 
 def test_logit_bias_goes_by_token_id_and_a_key_that_is_no_token_id_is_refused():
-    g = parse_chat_request({**CHAT, "logit_bias": {"50256": -100, "7": 2.5}}).generate
+    g = parse_chat_request({**CHAT, "logit_bias": {"50256": -100, "7": 2.5}}).generates[0]
     assert dict(g.sampling.logit_bias) == {50256: -100.0, 7: 2.5}
     for bias, param, message in (
         ({"the": 1}, "logit_bias", "Invalid key in 'logit_bias': the."),
@@ -42,7 +42,7 @@ def test_logit_bias_goes_by_token_id_and_a_key_that_is_no_token_id_is_refused():
 
 
 def test_unset_fields_stay_unset_for_the_models_defaults():
-    g = parse_chat_request(CHAT).generate
+    g = parse_chat_request(CHAT).generates[0]
     assert not g.sampling.HasField("temperature") and not g.sampling.HasField("seed")
     assert not g.stopping.HasField("max_new_tokens")
     assert not parse_chat_request(CHAT).stream
@@ -57,11 +57,11 @@ def test_stream_options_without_stream_is_refused():
 def test_response_format_becomes_a_guide_with_openais_checks():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     guide = parse_chat_request({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "thing", "schema": schema, "strict": True}}}).generate.guide
+        "name": "thing", "schema": schema, "strict": True}}}).generates[0].guide
     assert guide.type == pb.GUIDE_TYPE_JSON_SCHEMA and json.loads(guide.text) == schema
-    assert not parse_chat_request({**CHAT, "response_format": {"type": "text"}}).generate.HasField("guide")
+    assert not parse_chat_request({**CHAT, "response_format": {"type": "text"}}).generates[0].HasField("guide")
     json_chat = {**CHAT, "messages": [{"role": "user", "content": "Answer in JSON."}]}
-    assert parse_chat_request({**json_chat, "response_format": {"type": "json_object"}}).generate.guide.type == \
+    assert parse_chat_request({**json_chat, "response_format": {"type": "json_object"}}).generates[0].guide.type == \
         pb.GUIDE_TYPE_JSON_OBJECT
 
 
@@ -75,3 +75,13 @@ def test_a_response_format_openai_refuses_is_refused_naming_the_field(response_f
     with pytest.raises(ApiError) as raised:
         parse_chat_request({**CHAT, "response_format": response_format})
     assert (raised.value.status, raised.value.param) == (400, param)
+
+
+def test_n_and_log_probs_are_carried_over_and_top_logprobs_needs_logprobs():
+    g = parse_chat_request({**CHAT, "n": 3, "logprobs": True, "top_logprobs": 2}).generates[0]
+    assert (g.n, g.logprobs, g.top_logprobs) == (3, True, 2)
+    for extra, param in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                         ({"n": 0}, "n"), ({"n": 129}, "n")):
+        with pytest.raises(ApiError) as raised:
+            parse_chat_request({**CHAT, **extra})
+        assert (raised.value.status, raised.value.param) == (400, param), extra

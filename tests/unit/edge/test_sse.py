@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from edge.sse import DONE, ChunkEncoder, error_event, usage_dict
+from cloudach.inference.v1 import inference_pb2 as pb
+from edge.sse import DONE, ChunkEncoder, TextCompletionEncoder, error_event, usage_dict
 
 
 def events(*chunks: bytes) -> list:
@@ -43,3 +44,28 @@ def test_include_usage_gives_every_chunk_a_null_usage_and_one_last_usage_chunk()
 def test_an_error_after_the_start_is_one_event_with_the_envelope():
     envelope = {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
     assert events(error_event(envelope)) == [envelope]
+
+
+def test_choices_and_log_probs_have_openais_shapes():
+    encoder = ChunkEncoder("chatcmpl-3", 1, "m", include_usage=False)
+    alternative = pb.TokenLogProb(token="Hey", logprob=-2.0, bytes=b"Hey")
+    token = pb.TokenLogProb(token="Hé", logprob=-0.5, bytes="Hé".encode(), top_logprobs=[alternative])
+    role, text, finish = events(encoder.role(2), encoder.content("Hé", 2, [token]), encoder.finish("stop", None, 2))
+    assert role["choices"][0]["index"] == text["choices"][0]["index"] == finish["choices"][0]["index"] == 2
+    assert text["choices"][0]["delta"] == {"content": "Hé"}
+    assert text["choices"][0]["logprobs"] == {"content": [{
+        "token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169],
+        "top_logprobs": [{"token": "Hey", "logprob": -2.0, "bytes": [72, 101, 121]}]}], "refusal": None}
+    assert "usage" not in finish
+
+
+def test_a_legacy_stream_reads_as_text_completion_objects_with_text_offsets():
+    encoder = TextCompletionEncoder("cmpl-1", 1, "m", include_usage=True)
+    a, b = pb.TokenLogProb(token="Once", logprob=-1.0, bytes=b"Once"), pb.TokenLogProb(token=" upon", logprob=-0.5, bytes=b" upon")
+    first, second, finish, usage = events(encoder.content("Once", 1, [a]), encoder.content(" upon", 1, [b]),
+                                          encoder.finish("length", None, 1), encoder.usage(usage_dict(2, 2)))
+    assert first["object"] == "text_completion" and first["usage"] is None
+    assert first["choices"] == [{"text": "Once", "index": 1, "finish_reason": None, "logprobs": {
+        "tokens": ["Once"], "token_logprobs": [-1.0], "top_logprobs": [{}], "text_offset": [0]}}]
+    assert second["choices"][0]["logprobs"]["text_offset"] == [4]
+    assert finish["choices"][0]["finish_reason"] == "length" and usage["choices"] == []
