@@ -20,11 +20,51 @@ from edge.serving import Choice, Job, serve
 from edge.sse import ChunkEncoder
 from edge.validation import validate
 
-ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT,
+         "tool": pb.ROLE_TOOL}
+TOOL_CHOICES = {"auto": pb.ToolChoice.MODE_AUTO, "none": pb.ToolChoice.MODE_NONE, "required": pb.ToolChoice.MODE_REQUIRED}
 
 
-def _content(content: str | list) -> str:
+def _content(content: str | list | None) -> str:
+    if content is None:
+        return ""
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def _message(i: int, m: dict) -> pb.ChatMessage:
+    """One message; content may be missing only in an assistant turn with tool calls."""
+    calls = m.get("tool_calls") or []
+    if m.get("content") is None and not (m["role"] == "assistant" and calls):
+        raise bad_request(f"Missing required parameter: 'messages[{i}].content'.", param=f"messages[{i}].content",
+                          code="missing_required_parameter")
+    if calls and m["role"] != "assistant":
+        raise bad_request(f"Invalid parameter: 'messages[{i}].tool_calls' is only allowed in assistant messages.",
+                          param=f"messages[{i}].tool_calls", code="invalid_value")
+    if m["role"] == "tool" and not m.get("tool_call_id"):
+        raise bad_request(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                          param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+    return pb.ChatMessage(
+        role=ROLES[m["role"]], content=_content(m.get("content")), name=m.get("name") or "",
+        tool_call_id=m.get("tool_call_id") or "",
+        tool_calls=[pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+                    for c in calls],
+    )
+
+
+def _tools(body: dict) -> tuple[list[pb.Tool], pb.ToolChoice]:
+    """tools and tool_choice; inference_svc checks names, schemas and that a named tool exists."""
+    tools = [pb.Tool(name=t["function"]["name"], description=t["function"].get("description") or "",
+                     parameters_json=json.dumps(t["function"]["parameters"]) if "parameters" in t["function"] else "")
+             for t in body.get("tools") or ()]
+    choice = body.get("tool_choice")
+    if choice is None:
+        return tools, pb.ToolChoice(mode=pb.ToolChoice.MODE_AUTO if tools else pb.ToolChoice.MODE_NONE)
+    if isinstance(choice, dict):
+        return tools, pb.ToolChoice(mode=pb.ToolChoice.MODE_FUNCTION, function_name=choice["function"]["name"])
+    if choice not in TOOL_CHOICES:
+        raise bad_request(f"Invalid value: '{choice}'. Supported values are: 'none', 'auto' and 'required'.",
+                          param="tool_choice", code="invalid_value")
+    return tools, pb.ToolChoice(mode=TOOL_CHOICES[choice])
 
 
 _SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -57,7 +97,8 @@ def parse_chat_request(body: dict) -> Job:
     validate(CREATE_CHAT_COMPLETION_REQUEST, body)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    messages = [pb.ChatMessage(role=ROLES[m["role"]], content=_content(m["content"])) for m in body["messages"]]
+    messages = [_message(i, m) for i, m in enumerate(body["messages"])]
+    tools, tool_choice = _tools(body)
     top_logprobs = body.get("top_logprobs") or 0
     if top_logprobs and not body.get("logprobs"):
         raise bad_request("Invalid value for 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' "
@@ -72,7 +113,11 @@ def parse_chat_request(body: dict) -> Job:
         n=body.get("n") or 1,
         logprobs=bool(body.get("logprobs")),
         top_logprobs=top_logprobs,
+        tools=tools,
+        tool_choice=tool_choice,
     )
+    if body.get("parallel_tool_calls") is not None:
+        generate.parallel_tool_calls = body["parallel_tool_calls"]
     return Job(
         id=completion_id,
         created=int(time.time()),
@@ -108,7 +153,7 @@ class ChatFormat:
             "choices": [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": _message_out(c),
                     "logprobs": chat_logprobs(c.logprobs) if job.logprobs else None,
                     "finish_reason": c.finish_reason,
                 }
@@ -116,6 +161,14 @@ class ChatFormat:
             ],
             "usage": usage,
         }
+
+
+def _message_out(c: Choice) -> dict:
+    message = {"role": "assistant", "content": c.text if c.text or not c.tool_calls else None, "refusal": None}
+    if c.tool_calls:
+        message["tool_calls"] = [{"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                                 for t in c.tool_calls]
+    return message
 
 
 CHAT = ChatFormat()

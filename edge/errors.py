@@ -86,7 +86,7 @@ def public_param(param: str | None, max_tokens_name: str) -> str | None:
         return max_tokens_name
     if param.startswith("stopping.stop_sequences"):
         return "stop"
-    if param.startswith("messages"):
+    if param.startswith(("messages", "tools", "tool_choice")):
         return param
     if param.startswith("guide"):
         return "response_format"

@@ -28,18 +28,70 @@ TEXT_PART: Schema = {
     "additionalProperties": False,
 }
 
+TOOL_CALL: Schema = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string", "description": "JSON text."}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["id", "type", "function"],
+    "additionalProperties": False,
+}
+
 MESSAGE: Schema = {
     "type": "object",
     "properties": {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {
-            "type": ["string", "array"],
+            "type": ["string", "array", "null"],
             "items": TEXT_PART,
-            "description": "A string, or an array of text parts.",
+            "description": "A string, or an array of text parts; may be null in an assistant turn with tool_calls.",
         },
-        "name": {"type": "string", "description": "Accepted; not used by the model."},
+        "name": {"type": "string", "description": "Accepted; neither model's template has a place for it."},
+        "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "An assistant turn's calls."},
+        "tool_call_id": {"type": "string", "description": "A tool turn: the call it answers."},
+        "refusal": nullable({"type": "string"}),
     },
-    "required": ["role", "content"],
+    "required": ["role"],
+    "additionalProperties": False,
+}
+
+TOOL: Schema = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "a-z, A-Z, 0-9, underscores and dashes, up to 64."},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "The arguments' JSON Schema (an object)."},
+                "strict": nullable({"type": "boolean"}),
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type", "function"],
+    "additionalProperties": False,
+}
+
+TOOL_CHOICE: Schema = {
+    "type": ["string", "object"],
+    "description": "none, auto, required, or {\"type\": \"function\", \"function\": {\"name\": ...}}. "
+                   "required and a named function are enforced by guided decoding.",
+    "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+                     "additionalProperties": False},
+    },
+    "required": ["type", "function"],
     "additionalProperties": False,
 }
 
@@ -67,9 +119,6 @@ RESPONSE_FORMAT: Schema = {
 
 #: Fields OpenAI defines that Cloudach does not implement yet: accepted only at these values.
 NEUTRAL_VALUES: dict[str, list[Any]] = {
-    "tools": [None, []],
-    "tool_choice": [None, "none", "auto"],
-    "parallel_tool_calls": [None, True, False],
     "functions": [None, []],
     "function_call": [None, "none", "auto"],
     "store": [None, False],
@@ -122,6 +171,9 @@ CREATE_CHAT_COMPLETION_REQUEST: Schema = {
         ),
         "user": {"type": "string"},
         "response_format": nullable(RESPONSE_FORMAT),
+        "tools": nullable({"type": "array", "items": TOOL, "maxItems": 128}),
+        "tool_choice": nullable(TOOL_CHOICE),
+        "parallel_tool_calls": nullable({"type": "boolean"}),
         **{name: {"description": f"Accepted only as one of {values!r}: not supported yet."}
            for name, values in NEUTRAL_VALUES.items()},
     },
@@ -165,7 +217,7 @@ USAGE: Schema = {
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
 }
 
-FINISH_REASON: Schema = {"type": "string", "enum": ["stop", "length"]}
+FINISH_REASON: Schema = {"type": "string", "enum": ["stop", "length", "tool_calls"]}
 
 def _completion(object_name: str, choice: Schema, usage: Schema, description: str = "") -> Schema:
     """chat.completion and chat.completion.chunk share their envelope; only the choices differ."""
@@ -191,8 +243,9 @@ CHAT_COMPLETION = _completion(
             "type": "object",
             "properties": {
                 "role": {"type": "string", "enum": ["assistant"]},
-                "content": {"type": "string"},
+                "content": {"type": ["string", "null"]},
                 "refusal": {"type": "null"},
+                "tool_calls": {"type": "array", "items": TOOL_CALL},
             },
         },
         "finish_reason": FINISH_REASON,
@@ -203,8 +256,9 @@ CHAT_COMPLETION = _completion(
 CHAT_COMPLETION_CHUNK = _completion(
     "chat.completion.chunk",
     {
-        "delta": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
-        "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", None]},
+        "delta": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"},
+                                                   "tool_calls": {"type": "array"}}},
+        "finish_reason": {"type": ["string", "null"], "enum": ["stop", "length", "tool_calls", None]},
     },
     {"anyOf": [USAGE, {"type": "null"}]},
     "One Server-Sent Event `data:` payload of a streamed chat completion.",

@@ -35,7 +35,7 @@ from edge.state import MAX_TOKENS_NAME, MODEL, PRINCIPAL, RATE_HEADERS, STATE
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length"}  # everything else ends as "stop"
+FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}  # else "stop"
 #: Text held while the client reads slowly is merged into one event, up to this many characters;
 #: past it the relay waits for the client (and so, through gRPC flow control, the model's stream).
 MAX_PENDING_CHARS = 64 * 1024
@@ -51,7 +51,18 @@ class Choice:
     index: int
     parts: list[str] = field(default_factory=list)
     logprobs: list[pb.TokenLogProb] = field(default_factory=list)
+    tool_calls: list[pb.ToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
+
+    def add(self, delta: pb.TokenDelta) -> None:
+        self.parts.append(delta.text)
+        self.logprobs.extend(delta.logprobs)
+        if delta.HasField("tool_call"):
+            call = delta.tool_call
+            if call.id:
+                self.tool_calls.append(pb.ToolCall(id=call.id, name=call.name))
+            elif self.tool_calls:
+                self.tool_calls[-1].arguments += call.arguments
 
     @property
     def text(self) -> str:
@@ -378,6 +389,11 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, job: 
                 itl.observe(now - last)
             last = now
             tally.completion_tokens += delta.token_count
+            if delta.HasField("tool_call"):
+                await flush(delta.index)
+                await response.write(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
+                message = await call.read()
+                continue
             backed_up = transport is not None and transport.get_write_buffer_size() > 0
             if not backed_up and delta.index not in pending:
                 await response.write(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None))
@@ -459,9 +475,7 @@ async def _complete(call, job: Job, tally: Tally) -> web.Response:
             if not tally.time_to_first_token_ns:
                 tally.first_token()
             tally.completion_tokens += delta.token_count
-            choice = choices[delta.index]
-            choice.parts.append(delta.text)
-            choice.logprobs.extend(delta.logprobs)
+            choices[delta.index].add(delta)
         elif message.HasField("choice_finished"):
             ended = message.choice_finished
             choices[ended.index].finish_reason = FINISH_REASONS.get(ended.finish_reason, "stop")

@@ -82,9 +82,14 @@ class ChunkEncoder(_Encoder):
             return self._delta(index, {"content": text}, _dumps(chat_logprobs(logprobs)))
         return self._open(index) + b'{"content":' + _dumps(text).encode() + self._content_close
 
-    def delta(self, delta: dict, index: int = 0) -> bytes:
-        """Any other delta (e.g. tool calls)."""
-        return self._delta(index, delta, "null")
+    def tool_call(self, call: pb.ToolCallDelta, index: int = 0, logprobs: Sequence[pb.TokenLogProb] | None = None) -> bytes:
+        """A call's first delta (index, id, type, name, empty arguments), or a fragment of its arguments."""
+        if call.id:
+            entry = {"index": call.index, "id": call.id, "type": "function",
+                     "function": {"name": call.name, "arguments": ""}}
+        else:
+            entry = {"index": call.index, "function": {"arguments": call.arguments}}
+        return self._delta(index, {"tool_calls": [entry]}, _dumps(chat_logprobs(logprobs)) if logprobs else "null")
 
     def _delta(self, index: int, delta: dict, logprobs: str) -> bytes:
         return (self._open(index) + f'{_dumps(delta)},"logprobs":{logprobs},"finish_reason":null}}]'

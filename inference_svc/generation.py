@@ -17,12 +17,14 @@ from inference_svc.guides import check_guide
 from inference_svc.registry import ModelRegistry, ModelSpec
 from inference_svc.templates import Message
 from inference_svc.textstream import IncrementalDetokenizer, StopMatcher
+from inference_svc.tools import CallParser, ToolPlan, check_tools
 
 ROLES = {
     pb.ROLE_SYSTEM: "system",
     pb.ROLE_DEVELOPER: "system",
     pb.ROLE_USER: "user",
     pb.ROLE_ASSISTANT: "assistant",
+    pb.ROLE_TOOL: "tool",
 }
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_SEQUENCE_CHARS = 256
@@ -38,6 +40,8 @@ class Plan:
     spec: ModelSpec
     engine_request: EngineRequest
     stop_sequences: tuple[str, ...]
+    #: the request's tools, when the model is to see them
+    tools: ToolPlan | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -61,11 +65,13 @@ def _logit_bias(s: pb.SamplingParameters, vocab_size: int) -> tuple[tuple[int, f
     return tuple(sorted(s.logit_bias.items()))
 
 
-def _prompt_ids(request: pb.GenerateRequest, spec: ModelSpec) -> list[int]:
+def _prompt_ids(request: pb.GenerateRequest, spec: ModelSpec, tools: ToolPlan | None) -> list[int]:
     """The prompt's token ids: the chat rendered with the model's template, or the raw prompt."""
     if request.HasField("prompt"):
         if request.messages:
             raise InvalidArgument("give either messages or a prompt, not both", param="prompt")
+        if request.tools:
+            raise InvalidArgument("tools need messages, not a prompt", param="tools")
         ids = spec.encode_prompt(request.prompt)
         if not ids:
             raise InvalidArgument("the prompt must not be empty", param="prompt")
@@ -73,11 +79,17 @@ def _prompt_ids(request: pb.GenerateRequest, spec: ModelSpec) -> list[int]:
     if not request.messages:
         raise InvalidArgument("messages must hold at least one message", param="messages")
     messages = []
+    calls: set[str] = set()
     for i, m in enumerate(request.messages):
         if m.role not in ROLES:
             raise InvalidArgument(f"messages[{i}].role is not a valid role", param=f"messages[{i}].role")
-        messages.append(Message(ROLES[m.role], m.content))
-    return spec.encode_chat(messages)
+        if m.role == pb.ROLE_TOOL and m.tool_call_id not in calls:
+            raise InvalidArgument(f"Invalid parameter: messages[{i}] with role 'tool' must be a response to a "
+                                  f"preceding message with 'tool_calls' (no call has the id {m.tool_call_id!r}).",
+                                  param=f"messages[{i}].tool_call_id")
+        calls.update(c.id for c in m.tool_calls)
+        messages.append(Message(ROLES[m.role], m.content, tuple(m.tool_calls)))
+    return spec.encode_chat(messages, request.tools if tools is not None else ())
 
 
 def plan_generation(
@@ -119,7 +131,14 @@ def plan_generation(
                 param=f"stopping.stop_sequences[{i}]",
             )
 
-    prompt_ids = _prompt_ids(request, spec)
+    tools = check_tools(request, spec.tool_format)
+    guide = check_guide(request.guide)
+    if tools is not None and tools.guide is not None:
+        if guide is not None:
+            raise InvalidArgument("a structured-output guide cannot be combined with a forced tool call",
+                                  param="tool_choice")
+        guide = tools.guide
+    prompt_ids = _prompt_ids(request, spec, tools)
     room = spec.context_window - len(prompt_ids)
     if stopping.HasField("max_new_tokens"):
         max_new = stopping.max_new_tokens
@@ -153,13 +172,13 @@ def plan_generation(
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         logit_bias=logit_bias,
-        guide=check_guide(request.guide),
+        guide=guide,
         n=n,
         log_probs=request.logprobs,
         top_log_probs=request.top_logprobs,
         trace_headers=dict(trace_headers),
     )
-    return Plan(spec=spec, engine_request=engine_request, stop_sequences=stops)
+    return Plan(spec=spec, engine_request=engine_request, stop_sequences=stops, tools=tools)
 
 
 @dataclass(slots=True)
@@ -176,11 +195,13 @@ def _log_prob(token_bytes: bytes, log_prob: float) -> pb.TokenLogProb:
 
 
 class _Choice:
-    """One sequence of a generation: its tokens detokenized, cut at stop sequences, counted, and
-    (when asked) its log probs released with the text they complete."""
+    """One sequence of a generation: its tokens detokenized, cut at stop sequences, counted, read
+    for tool calls when the model has tools, and (when asked) its log probs released with the
+    text they complete."""
 
     __slots__ = ("index", "_plan", "_table", "_detokenizer", "_stops", "generated", "_unreported", "matched",
-                 "_ended_by_model", "done", "finish_reason", "_pending", "_pending_bytes", "_emitted_bytes")
+                 "_ended_by_model", "done", "finish_reason", "_pending", "_pending_bytes", "_emitted_bytes",
+                 "_calls", "_carried")
 
     def __init__(self, index: int, plan: Plan) -> None:
         self.index = index
@@ -196,8 +217,11 @@ class _Choice:
         #: log probs of tokens whose text has not all been sent, with the bytes up to each one's end
         self._pending: list[tuple[pb.TokenLogProb, int]] = []
         self._pending_bytes = self._emitted_bytes = 0
+        self._calls = CallParser(plan.tools) if plan.tools is not None else None
+        #: log probs released while the call parser held their text back
+        self._carried: list[pb.TokenLogProb] = []
 
-    def push(self, step: Step) -> pb.TokenDelta | None:
+    def push(self, step: Step) -> list[pb.TokenDelta]:
         request = self._plan.engine_request
         ids = step.token_ids[: request.max_new_tokens - self.generated]  # never more than asked
         cut = next((i for i, t in enumerate(ids) if t in self._plan.spec.stop_token_ids), -1)
@@ -215,17 +239,20 @@ class _Choice:
             self.done = True
         return self._delta(text)
 
-    def finish(self) -> tuple[pb.TokenDelta | None, pb.ChoiceFinished]:
+    def finish(self) -> tuple[list[pb.TokenDelta], pb.ChoiceFinished]:
         """What is left of the text once the sequence has ended, and the choice's end."""
         tail = ""
         if self.matched is None:
             tail, self.matched = self._stops.push(self._detokenizer.flush())
             tail += "" if self.matched is not None else self._stops.flush()
-        delta = self._delta(tail, final=self.matched is None)
+        deltas = self._delta(tail, final=self.matched is None, last=True)
         self.done = True
         length = self.generated >= self._plan.engine_request.max_new_tokens and self.matched is None
         self.finish_reason = pb.FINISH_REASON_LENGTH if length and not self._ended_by_model else pb.FINISH_REASON_STOP
-        return delta, pb.ChoiceFinished(index=self.index, finish_reason=self.finish_reason,
+        if (self.finish_reason == pb.FINISH_REASON_STOP and self._calls is not None and self._calls.calls
+                and self._plan.tools.mode != pb.ToolChoice.MODE_FUNCTION):
+            self.finish_reason = pb.FINISH_REASON_TOOL_CALLS  # OpenAI: a named tool_choice ends as "stop"
+        return deltas, pb.ChoiceFinished(index=self.index, finish_reason=self.finish_reason,
                                         completion_tokens=self.generated,
                                         matched_stop_sequence=self.matched or "")
 
@@ -240,7 +267,9 @@ class _Choice:
             self._pending_bytes += len(entry.bytes)
             self._pending.append((entry, self._pending_bytes))
 
-    def _delta(self, text: str, final: bool = False) -> pb.TokenDelta | None:
+    def _delta(self, text: str, final: bool = False, last: bool = False) -> list[pb.TokenDelta]:
+        """The deltas for text now final: one, or (with tools) what the call parser makes of it.
+        The first carries the token count and log probs since the previous one."""
         released: list[pb.TokenLogProb] = []
         if self._plan.engine_request.log_probs:
             self._emitted_bytes += len(text.encode())
@@ -248,11 +277,26 @@ class _Choice:
                 (i for i, (_, end) in enumerate(self._pending) if end > self._emitted_bytes), len(self._pending))
             released = [entry for entry, _ in self._pending[:done]]
             del self._pending[:done]
-        if not text and not released:
-            return None
-        delta = pb.TokenDelta(text=text, token_count=self._unreported, index=self.index, logprobs=released)
+        if self._calls is None:
+            if not text and not released:
+                return []
+            deltas = [pb.TokenDelta(text=text)]
+        else:
+            deltas = self._calls.push(text) if text else []
+            if last:
+                deltas += self._calls.flush()
+            self._carried += released
+            released = []
+            if not deltas:
+                return []
+            released, self._carried = self._carried, []
+        first = deltas[0]
+        first.token_count = self._unreported
+        first.logprobs.extend(released)
+        for delta in deltas:
+            delta.index = self.index
         self._unreported = 0
-        return delta
+        return deltas
 
 
 async def stream_generation(
@@ -274,8 +318,8 @@ async def stream_generation(
     def end(choice: _Choice):
         nonlocal running
         running -= 1
-        delta, finished = choice.finish()
-        if delta is not None:
+        deltas, finished = choice.finish()
+        for delta in deltas:
             yield pb.GenerateResponse(delta=delta)
         yield pb.GenerateResponse(choice_finished=finished)
 
@@ -290,8 +334,7 @@ async def stream_generation(
                 continue  # ended by a stop sequence while the model went on
             if not outcome.time_to_first_token_ns:
                 outcome.time_to_first_token_ns = clock() - start
-            delta = choice.push(step)
-            if delta is not None:
+            for delta in choice.push(step):
                 yield pb.GenerateResponse(delta=delta)
             if choice.done:
                 for event in end(choice):

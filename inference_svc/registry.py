@@ -13,6 +13,7 @@ from typing import Any
 from cloudach.errors import NotFound
 from inference_svc.templates import RAW_PREFIXES, TEMPLATES, Message, Piece
 from inference_svc.tokenizer import Tokenizer, encode_pieces, load_tokenizer
+from inference_svc.tools import FORMATS
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class ModelSpec:
     default_system_prompt: str | None = None
     #: the most choices (n) one request may ask for
     max_choices: int = 8
+    #: how tools are shown to the model and its calls read back (inference_svc.tools.FORMATS)
+    tool_format: str = "hermes"
     default_temperature: float = 1.0
     default_top_p: float = 1.0
     owned_by: str = "cloudach"
@@ -35,11 +38,14 @@ class ModelSpec:
     #: the engine's own settings for this model, opaque here
     engine: Mapping[str, Any] = field(default_factory=dict)
 
-    def render(self, messages: Sequence[Message]) -> list[Piece]:
-        return TEMPLATES[self.chat_template](messages, self.default_system_prompt)
+    def render(self, messages: Sequence[Message], tools: Sequence[Any] = ()) -> list[Piece]:
+        """The chat in the model's template; tools (inference.v1 Tool) and past calls and results
+        shown in its tool format."""
+        turns = FORMATS[self.tool_format].prepare(messages, tools, self.default_system_prompt)
+        return TEMPLATES[self.chat_template](turns, None if tools else self.default_system_prompt)
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        return encode_pieces(self.tokenizer, self.render(messages))
+    def encode_chat(self, messages: Sequence[Message], tools: Sequence[Any] = ()) -> list[int]:
+        return encode_pieces(self.tokenizer, self.render(messages, tools))
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw prompt (no chat template), after what the model expects first (e.g. its BOS)."""
@@ -74,6 +80,8 @@ def load_registry(path: str, tokenizer_loader: Callable[[str], Tokenizer] = load
         template = entry["chat_template"]
         if template not in TEMPLATES:
             raise ValueError(f"model {entry['id']}: unknown chat_template {template!r}")
+        if entry.get("tool_format", "hermes") not in FORMATS:
+            raise ValueError(f"model {entry['id']}: unknown tool_format {entry['tool_format']!r}")
         tokenizer = tokenizer_loader(entry.pop("tokenizer"))
         stop_ids = frozenset(entry.pop("stop_token_ids", []))
         if not stop_ids:

@@ -24,8 +24,10 @@ Piece = str | Special
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    role: str  # "system", "user" or "assistant"
+    role: str  # "system", "user", "assistant", "tool" (or a tool format's own role, e.g. "ipython")
     content: str
+    #: an assistant turn's tool calls (inference.v1 ToolCall), rendered by inference_svc.tools
+    tool_calls: tuple = ()
 
 
 def chatml(messages: Sequence[Message], default_system: str | None) -> list[Piece]:

@@ -155,6 +155,20 @@ def test_nextjs_route_and_react_hook_under_node(stack, node_modules):
     assert len(set(response)) > 2, "the hook saw the answer in one read: nothing streamed"
 
 
+def test_the_node_sdk_assembles_a_streamed_tool_call(stack, node_modules):
+    """Beyond the guide: a forced tool call streamed to the npm package's stream helper."""
+    done = subprocess.run(["node", str(NODE / "tool-call.mjs")], env=stack.env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    (call,) = seen["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert "".join(seen["fragments"]) == call["function"]["arguments"] and len(seen["fragments"]) > 1
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+    assert seen["finish_reason"] == "stop"
+
+
 def test_stream_with_retry_waits_out_a_real_429(stack):
     key = stack.create_key("guide-429", "--max-concurrency", "1")
     request = {"model": MODEL, "messages": [{"role": "user", "content": COUNTING}], "max_tokens": 2000,

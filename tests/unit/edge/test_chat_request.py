@@ -85,3 +85,38 @@ def test_n_and_log_probs_are_carried_over_and_top_logprobs_needs_logprobs():
         with pytest.raises(ApiError) as raised:
             parse_chat_request({**CHAT, **extra})
         assert (raised.value.status, raised.value.param) == (400, param), extra
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_tool_choice_and_a_tool_round_trip_are_carried_over():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    body = {**CHAT, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": False, "messages": [
+                {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12C"}]}
+    g = parse_chat_request(body).generates[0]
+    assert [t.name for t in g.tools] == ["get_weather"] and json.loads(g.tools[0].parameters_json)["required"] == ["city"]
+    assert (g.tool_choice.mode, g.tool_choice.function_name) == (pb.ToolChoice.MODE_FUNCTION, "get_weather")
+    assert g.HasField("parallel_tool_calls") and not g.parallel_tool_calls
+    assistant, tool = g.messages[1], g.messages[2]
+    assert [(c.id, c.name, c.arguments) for c in assistant.tool_calls] == [("call_1", "get_weather", '{"city": "Oslo"}')]
+    assert (tool.role, tool.tool_call_id, tool.content) == (pb.ROLE_TOOL, "call_1", "12C")
+    assert parse_chat_request({**CHAT, "tools": [WEATHER]}).generates[0].tool_choice.mode == pb.ToolChoice.MODE_AUTO
+    assert parse_chat_request({**CHAT, "tools": [WEATHER], "tool_choice": "required"}).generates[0].tool_choice.mode \
+        == pb.ToolChoice.MODE_REQUIRED
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "12C"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+])
+def test_bad_messages_and_tools_are_refused_naming_the_field(extra, param):
+    with pytest.raises(ApiError) as raised:
+        parse_chat_request({**CHAT, **extra})
+    assert (raised.value.status, raised.value.param) == (400, param)
