@@ -34,6 +34,7 @@ def _record(message: pb.UsageRecord) -> Record:
         model=message.model, prompt_tokens=message.prompt_tokens, completion_tokens=message.completion_tokens,
         outcome=OUTCOMES[message.outcome], started_at_ms=message.started_at.ToMilliseconds(),
         ended_at_ms=message.ended_at.ToMilliseconds(), time_to_first_token_ns=message.time_to_first_token_ns,
+        user=message.user,
     )
 
 

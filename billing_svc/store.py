@@ -28,6 +28,8 @@ MIGRATIONS = [
     CREATE INDEX usage_records_org_day ON usage_records (organization, day);
     CREATE INDEX usage_records_key_day ON usage_records (key_id, day)
     """,
+    # OpenAI's `user`: the caller's own id for its end user, kept as given ("user" is reserved in SQL).
+    "ALTER TABLE usage_records ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
 ]
 
 
@@ -43,6 +45,7 @@ class Record:
     started_at_ms: int
     ended_at_ms: int
     time_to_first_token_ns: int
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,11 @@ class UsageStore:
         changed = await self._db.execute(
             "INSERT INTO usage_records (request_id, key_id, organization, model, prompt_tokens, completion_tokens, "
             "outcome, started_at_ms, ended_at_ms, time_to_first_token_ns, day, input_per_million_micros, "
-            "output_per_million_micros) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+            "output_per_million_micros, end_user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (request_id) DO NOTHING",
             (r.request_id, r.key_id, r.organization, r.model, r.prompt_tokens, r.completion_tokens, r.outcome,
              r.started_at_ms, r.ended_at_ms, r.time_to_first_token_ns, utc_day(r.started_at_ms),
-             price.input_per_million_micros, price.output_per_million_micros),
+             price.input_per_million_micros, price.output_per_million_micros, r.user),
         )
         return changed == 1
 
@@ -93,7 +97,9 @@ class UsageStore:
     async def get(self, request_id: str) -> Record | None:
         row = await self._db.fetchone(
             "SELECT request_id, key_id, organization, model, prompt_tokens, completion_tokens, outcome, "
-            "started_at_ms, ended_at_ms, time_to_first_token_ns FROM usage_records WHERE request_id = ?",
+            "started_at_ms, ended_at_ms, time_to_first_token_ns, end_user FROM usage_records WHERE request_id = ?",
             (request_id,),
         )
-        return None if row is None else Record(*row[:4], int(row[4]), int(row[5]), row[6], int(row[7]), int(row[8]), int(row[9]))
+        if row is None:
+            return None
+        return Record(*row[:4], int(row[4]), int(row[5]), row[6], int(row[7]), int(row[8]), int(row[9]), row[10])

@@ -96,6 +96,9 @@ def parse_chat_request(body: dict) -> Job:
     """Validates an OpenAI request body against the published schema and translates it."""
     validate(CREATE_CHAT_COMPLETION_REQUEST, body)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise bad_request("Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+                          param="max_tokens", code="invalid_parameter_combination")
     max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     messages = [_message(i, m) for i, m in enumerate(body["messages"])]
     tools, tool_choice = _tools(body)
@@ -128,7 +131,7 @@ def parse_chat_request(body: dict) -> Job:
         format=CHAT,
         max_tokens_name=max_tokens_name,
         prompt_chars=sum(len(m.content) for m in generate.messages),
-        user=body.get("user") or "",
+        user=params.user(body),
     )
 
 

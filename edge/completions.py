@@ -61,7 +61,7 @@ def parse_completion_request(body: dict) -> Job:
         max_tokens_name="max_tokens",
         prompt_chars=sum(len(p) for p in prompts),
         operation="text_completion",
-        user=body.get("user") or "",
+        user=params.user(body),
     )
 
 

@@ -44,3 +44,16 @@ def stopping(body: dict, max_tokens_name: str, default_max_tokens: int | None = 
     if stop is not None:
         criteria.stop_sequences.extend([stop] if isinstance(stop, str) else stop)
     return criteria
+
+
+#: bounds what a caller's end-user id may add to every usage record
+MAX_USER_CHARS = 256
+
+
+def user(body: dict) -> str:
+    """OpenAI's `user`, kept on the usage record."""
+    value = body.get("user") or ""
+    if len(value) > MAX_USER_CHARS:
+        raise bad_request(f"Invalid 'user': string too long. Expected a string with maximum length {MAX_USER_CHARS}, "
+                          f"but got a string with length {len(value)} instead.", param="user", code="string_above_max_length")
+    return value

@@ -308,7 +308,7 @@ async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tal
     record = billing_pb2.UsageRecord(
         request_id=job.id, key_id=principal.key_id, organization=principal.organization, model=job.model,
         prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens, outcome=tally.outcome,
-        started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns,
+        started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns, user=job.user,
     )
     state = request.app[STATE]
     carrier: dict[str, str] = {}

@@ -158,6 +158,13 @@ def plan_generation(
             code="context_length_exceeded",
         )
 
+    budget = spec.max_request_tokens or spec.context_window * spec.max_choices
+    if len(prompt_ids) + n * max_new > budget:
+        raise InvalidArgument(
+            f"{n} choices of up to {max_new} tokens each, after a prompt of {len(prompt_ids)} tokens, need "
+            f"{len(prompt_ids) + n * max_new} tokens of the model's memory; {spec.id} gives one request at most "
+            f"{budget}. Ask for fewer choices or fewer tokens.", param="n", code="invalid_value")
+
     engine_request = EngineRequest(
         request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
         model=spec.id,

@@ -29,6 +29,9 @@ class ModelSpec:
     default_system_prompt: str | None = None
     #: the most choices (n) one request may ask for
     max_choices: int = 8
+    #: the most KV-cache cells one request may fill: its prompt once and each choice's tokens
+    #: (unset: the context window for each of max_choices)
+    max_request_tokens: int | None = None
     #: how tools are shown to the model and its calls read back (inference_svc.tools.FORMATS)
     tool_format: str = "hermes"
     default_temperature: float = 1.0

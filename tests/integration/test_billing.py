@@ -94,13 +94,30 @@ async def test_the_billed_record_equals_the_usage_the_stream_reported(registry, 
     async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
         async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
             async with aiohttp.ClientSession() as session:
-                status, raw = await post(session, url, key, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+                status, raw = await post(session, url, key, {**CHAT, "stream": True, "user": "end-user-42",
+                                                             "stream_options": {"include_usage": True}})
             request_id, usage = final_usage(raw)
             await until(lambda: billing.store.get(request_id))
     billed = await billing.store.get(request_id)
-    assert status == 200 and billed.outcome == "completed"
+    assert status == 200 and billed.outcome == "completed" and billed.user == "end-user-42"
     assert (billed.prompt_tokens, billed.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert billed.model == MODEL and billed.time_to_first_token_ns > 0
+
+
+async def test_n_choices_are_billed_and_limited_as_the_prompt_once_and_every_choices_tokens(registry, auth, billing):
+    key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
+    async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+            async with aiohttp.ClientSession() as session:
+                _, one = await post(session, url, key, {**CHAT, "stream": True})
+                status, three = await post(session, url, key, {**CHAT, "n": 3, "stream": True})
+            _, usage_one = final_usage(one)
+            request_id, usage = final_usage(three)
+            await until(lambda: billing.store.get(request_id))
+    billed = await billing.store.get(request_id)
+    assert status == 200 and usage["prompt_tokens"] == usage_one["prompt_tokens"]
+    assert usage["completion_tokens"] == 3 * usage_one["completion_tokens"]
+    assert (billed.prompt_tokens, billed.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
 async def test_billing_down_for_50_requests_then_back_gets_all_50_once(registry, auth, tmp_path):

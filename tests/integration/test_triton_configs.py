@@ -81,13 +81,14 @@ def test_inference_svc_only_sends_inputs_the_model_declares():
 
     declared = {i.name: i for i in parse(TRITON / "trtllm" / "tensorrt_llm" / "config.pbtxt").input}
     request = EngineRequest("r", "llama3-8b", [1, 2, 3], 5, (2, 7, 9), 0.7, 0.9, 0, 42,
-                            guide=("json_schema", '{"type": "object"}'), logit_bias=((4, -100.0),))
+                            guide=("json_schema", '{"type": "object"}'), logit_bias=((4, -100.0),),
+                            n=3, log_probs=True, top_log_probs=2)
     dtype = {"INT32": model_config_pb2.TYPE_INT32, "FP32": model_config_pb2.TYPE_FP32,
              "BOOL": model_config_pb2.TYPE_BOOL, "UINT64": model_config_pb2.TYPE_UINT64,
              "BYTES": model_config_pb2.TYPE_STRING}
     sent = build_inputs(request, TritonModel("tensorrt_llm", end_id=2, vocab_size=128256, pad_id=2))
-    assert {"input_ids", "input_lengths", "request_output_len", "guided_decoding_guide",
-            "embedding_bias"} <= {t.name() for t in sent}
+    assert {"input_ids", "input_lengths", "request_output_len", "guided_decoding_guide", "embedding_bias",
+            "num_return_sequences", "return_log_probs", "num_top_log_probs"} <= {t.name() for t in sent}
     for tensor in sent:
         assert tensor.name() in declared, tensor.name()
         spec = declared[tensor.name()]
@@ -141,3 +142,12 @@ def test_the_registry_models_engine_tables_say_how_triton_runs_them():
 
 class _Vocabulary:
     vocab_size = 50_000
+
+
+def test_the_cpu_registry_promises_no_more_choices_or_memory_than_the_cpu_model_has():
+    import tomllib
+
+    [model] = tomllib.loads((TRITON.parent / "inference" / "models.cpu.toml").read_text())["models"]
+    params = {k: v.string_value for k, v in parse(TRITON / "cpu" / "tensorrt_llm" / "config.pbtxt").parameters.items()}
+    assert model["max_choices"] == int(params["max_return_sequences"])
+    assert model["max_request_tokens"] == int(params["kv_cache_tokens"])

@@ -220,3 +220,15 @@ async def test_a_stop_sequence_drops_the_log_probs_of_the_tokens_it_holds_back(r
     events = await collect(plan, engine)
     entries = [t for e in events if e.HasField("delta") for t in e.delta.logprobs]
     assert b"".join(t.bytes for t in entries).decode() == text_of(events) == "one two"
+
+
+def test_n_times_max_tokens_past_the_models_memory_is_refused_naming_n(registry):
+    import dataclasses
+
+    from inference_svc.registry import ModelRegistry
+
+    small = ModelRegistry([dataclasses.replace(registry.get(MODEL), max_request_tokens=1000)])
+    with pytest.raises(InvalidArgument) as raised:
+        plan_generation(request(n=4, stopping=pb.StoppingCriteria(max_new_tokens=250)), small)
+    assert raised.value.param == "n" and "at most 1000" in raised.value.message
+    assert plan_generation(request(n=4, stopping=pb.StoppingCriteria(max_new_tokens=200)), small).engine_request.n == 4

@@ -110,6 +110,7 @@ def test_tools_tool_choice_and_a_tool_round_trip_are_carried_over():
 
 
 @pytest.mark.parametrize("extra, param", [
+    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),  # OpenAI: not both
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [{"role": "tool", "content": "12C"}]}, "messages[0].tool_call_id"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tool_choice": "sometimes"}, "tool_choice"),
