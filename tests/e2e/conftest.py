@@ -66,6 +66,7 @@ class Stack:
     port: int
     auth_port: int
     billing_port: int
+    inference_port: int
 
     @property
     def base_url(self) -> str:
@@ -108,7 +109,7 @@ def stack(tmp_path_factory) -> Stack:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **metrics_ports},
     )
     output = Output(process)
-    running = Stack(process, output, state_dir, port, auth_port, billing_port)
+    running = Stack(process, output, state_dir, port, auth_port, billing_port, inference_port)
     try:
         output.wait_for("Cloudach is up.", STARTUP_TIMEOUT_S)
         yield running

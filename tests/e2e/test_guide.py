@@ -1,12 +1,14 @@
 """Every example of the streaming guide (shared/seed/streaming-guide.txt), adapted only in base
 URL, key and model, run against the stack as `make run` starts it: Python scripts with the
 official SDK, curl, a FastAPI proxy under uvicorn, and the Node examples with the openai npm
-package. The tests that break the stack on purpose (a killed Triton, a killed edge) come last."""
+package; beyond the guide, a streamed tool call with the Node SDK and the internal gRPC path (the
+README's example, and grpcurl through reflection). The tests that break the stack on purpose (a killed Triton, a killed edge) come last."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 
 from tools.launcher.ports import free_ports
 from tools.launcher.triton import model_stubs
-from tests.e2e.conftest import GUIDE, MODEL, NODE, Output, Stack
+from tests.e2e.conftest import GUIDE, MODEL, NODE, REPO, Output, Stack
 
 #: At temperature 0 the CPU model answers this with all of max_tokens (2,000 tokens: about 35 s here).
 COUNTING = "Write the numbers from 1 to 500 separated by commas."
@@ -167,6 +169,53 @@ def test_the_node_sdk_assembles_a_streamed_tool_call(stack, node_modules):
     assert "".join(seen["fragments"]) == call["function"]["arguments"] and len(seen["fragments"]) > 1
     assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
     assert seen["finish_reason"] == "stop"
+
+
+def internal_env(stack: Stack) -> dict[str, str]:
+    return {**stack.env(), "CLOUDACH_AUTH_TARGET": f"127.0.0.1:{stack.auth_port}",
+            "CLOUDACH_INFERENCE_TARGET": f"127.0.0.1:{stack.inference_port}"}
+
+
+def test_the_internal_grpc_example_streams_choices_cancels_and_reads_status_details(stack):
+    """Beyond the guide: the README's example for internal services (docs/examples/internal_grpc.py)."""
+    done = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "internal_grpc.py")],
+                          env=internal_env(stack), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    generate, cancel, refused = (json.loads(line) for line in done.stdout.splitlines())
+    assert generate["prompt_tokens"] > 0 and set(generate["texts"]) == {"0", "1"}
+    assert all("colour" in json.loads(text) for text in generate["texts"].values())  # guided to the schema
+    assert all(lp < 0 for lp in generate["logprobs"].values())
+    assert set(generate["finish_reasons"]) == {"0", "1"} and generate["usage"]["completion_tokens"] > 0
+    assert cancel == {"step": "cancel", "deltas": 5, "cancelled": True}
+    assert (refused["code"], refused["field"], refused["reason"]) == ("INVALID_ARGUMENT", "n", "invalid_value")
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess:
+    binary = pathlib.Path(sys.executable).parent / "grpcurl"
+    return subprocess.run([str(binary), "-plaintext", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_grpcurl_calls_the_internal_services_through_server_reflection(stack):
+    inference, auth = f"127.0.0.1:{stack.inference_port}", f"127.0.0.1:{stack.auth_port}"
+    listed = grpcurl(inference, "list")
+    assert listed.returncode == 0 and "cloudach.inference.v1.InferenceService" in listed.stdout.split(), listed.stderr
+    authenticated = grpcurl("-d", json.dumps({"api_key": stack.dev_key}), auth, "cloudach.auth.v1.AuthService/Authenticate")
+    assert authenticated.returncode == 0, authenticated.stderr
+    token = json.loads(authenticated.stdout)["token"]
+    request = {"model": MODEL, "messages": [{"role": "ROLE_USER", "content": "Hi"}], "n": 2,
+               "stopping": {"max_new_tokens": 5}}
+    streamed = grpcurl("-H", f"authorization: Bearer {token}", "-d", json.dumps(request), inference,
+                       "cloudach.inference.v1.InferenceService/Generate")
+    assert streamed.returncode == 0, streamed.stderr
+    decoder, text, events = json.JSONDecoder(), streamed.stdout, []
+    at = 0
+    while text[at:].strip():  # grpcurl prints one JSON object per message, one after another
+        event, at = decoder.raw_decode(text, len(text) - len(text[at:].lstrip()))
+        events.append(event)
+    assert "accepted" in events[0] and "finished" in events[-1]
+    assert {e["choice_finished"].get("index", 0) for e in events if "choice_finished" in e} == {0, 1}
+    refused = grpcurl("-d", json.dumps(request), inference, "cloudach.inference.v1.InferenceService/Generate")
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
 
 
 def test_stream_with_retry_waits_out_a_real_429(stack):
