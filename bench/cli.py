@@ -12,7 +12,7 @@ import time
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmark the platform on this machine (starts its own stacks)")
-    bench.add_argument("scenario", choices=("overhead", "relay", "real", "guided", "all"), nargs="?", default="all")
+    bench.add_argument("scenario", choices=("overhead", "relay", "real", "guided", "features", "all"), nargs="?", default="all")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     bench.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     bench.add_argument("--rate", type=float, default=100.0,
@@ -20,6 +20,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--relay-concurrency", default="100,500,1000,2000")
     bench.add_argument("--real-concurrency", default="1,4,16")
     bench.add_argument("--guided-concurrency", default="1,8")
+    bench.add_argument("--features-concurrency", type=int, default=4)
     bench.add_argument("--no-llama-server", action="store_true", help="skip the llama_cpp.server baseline")
     bench.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
 
@@ -32,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
         relay_concurrency=tuple(int(c) for c in args.relay_concurrency.split(",")),
         real_concurrency=tuple(int(c) for c in args.real_concurrency.split(",")),
         guided_concurrency=tuple(int(c) for c in args.guided_concurrency.split(",")),
+        features_concurrency=args.features_concurrency,
     )
-    chosen = ("overhead", "relay", "real", "guided") if args.scenario == "all" else (args.scenario,)
+    chosen = ("overhead", "relay", "real", "guided", "features") if args.scenario == "all" else (args.scenario,)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "platform": platform.platform()},
@@ -47,10 +49,13 @@ def run(args: argparse.Namespace) -> int:
             rows = scenarios.relay(options)
         elif name == "guided":
             rows = scenarios.guided(options)
+        elif name == "features":
+            rows = scenarios.features(options)
         else:
             rows = scenarios.real_model(options, not args.no_llama_server)
         document["scenarios"][name] = rows
-        processes = {"real": ["tritonserver", "edge", "llama_cpp.server"], "guided": ["tritonserver"]}.get(
+        processes = {"real": ["tritonserver", "edge", "llama_cpp.server"], "guided": ["tritonserver"],
+                     "features": ["tritonserver", "inference_svc", "edge"]}.get(
             name, [*scenarios.STACK, "bench client"])
         table = report.markdown(rows, processes)
         markdown.append(f"## {name}\n\n{table}\n")

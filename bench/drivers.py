@@ -72,7 +72,11 @@ class HttpDriver:
 
     name = "edge"
 
-    def __init__(self, base_url: str, api_key: str, model: str = MODEL, stream: bool = True) -> None:
+    def __init__(self, base_url: str, api_key: str, model: str = MODEL, stream: bool = True,
+                 extra: dict | None = None, name: str = "edge") -> None:
+        """extra: more request fields (n, logprobs, response_format...)."""
+        self.name = name
+        self.extra = extra or {}
         self.url = f"{base_url.rstrip('/')}/chat/completions"
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.model = model
@@ -88,7 +92,7 @@ class HttpDriver:
 
     def _body(self, prompt: str, max_tokens: int) -> bytes:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": self.streaming}
+                "temperature": 0, "stream": self.streaming, **self.extra}
         if self.streaming:
             body["stream_options"] = {"include_usage": True}
         return json.dumps(body).encode()

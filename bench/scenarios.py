@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from bench.drivers import Driver, HttpDriver, InferenceDriver, ModelDriver, TritonDriver
@@ -23,6 +24,7 @@ class Options:
     relay_concurrency: tuple[int, ...] = (100, 500, 1000, 2000)
     real_concurrency: tuple[int, ...] = (1, 4, 16)
     guided_concurrency: tuple[int, ...] = (1, 8)
+    features_concurrency: int = 4
 
 
 async def _measure(driver: Driver, label: str, concurrency: int, options: Options, pids: dict[str, int],
@@ -93,4 +95,28 @@ def guided(options: Options) -> list[dict]:
                                                          "guided_decoding_guide": GUIDE_SCHEMA})):
                 driver = ModelDriver(stack.triton_grpc, name, {"temperature": 1.0, **inputs})
                 rows.append(asyncio.run(_measure(driver, name, concurrency, options, stack.pids)))
+    return rows
+
+
+#: the chat API's options measured against plain generation (tokens/s count every choice's tokens)
+FEATURES = (
+    ("plain", {}),
+    ("logprobs, top 5", {"logprobs": True, "top_logprobs": 5}),
+    ("n=4", {"n": 4}),
+    ("json_schema", {"temperature": 1.0, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "story", "schema": json.loads(GUIDE_SCHEMA)}}}),
+)
+
+
+def features(options: Options) -> list[dict]:
+    """Log probs, n = 4 and a json_schema guide against plain generation, through the edge: on the
+    synthetic model at a GPU's pace (what the options cost the platform per token; it follows no
+    guide) and on the CPU model (what they cost in tokens/s)."""
+    rows = []
+    for kind, stack_kind, options_rows in (("synthetic", SYNTHETIC, FEATURES[:3]), ("CPU", CPU, FEATURES)):
+        with bench_stack(stack_kind, options.tokens_per_s if stack_kind is SYNTHETIC else 0.0) as stack:
+            for name, extra in options_rows:
+                driver = HttpDriver(stack.base_url, stack.api_key, extra=extra, name=f"{kind}: {name}")
+                rows.append(asyncio.run(_measure(driver, f"{kind}: {name}", options.features_concurrency,
+                                                 options, stack.pids)))
     return rows

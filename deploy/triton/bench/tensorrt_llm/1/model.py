@@ -1,7 +1,8 @@
 """Synthetic `tensorrt_llm` model for benchmarks: TensorRT-LLM's contract, no compute.
 
-Each request streams exactly request_output_len tokens (the prompt's own non-special ids, cycled,
-so they detokenize to text), at tokens_per_second per request (0: as fast as one thread can send;
+Each request streams exactly request_output_len tokens for each of its num_return_sequences (the
+prompt's own non-special ids, cycled, so they detokenize to text; with return_log_probs a fixed log
+prob each, and num_top_log_probs alternatives), at tokens_per_second per request (0: as fast as one thread can send;
 the environment variable CLOUDACH_BENCH_TOKENS_PER_S overrides the config). One sender thread
 serves every request in order of when its next token is due, so many concurrent streams cost
 no threads. Cancelled requests stop at their next token.
@@ -33,6 +34,9 @@ class Stream:
     streaming: bool
     sent: int = 0
     prompt_tokens: int = 0
+    sequences: int = 1
+    log_probs: bool = False
+    top_log_probs: int = 0
 
 
 def _scalar(request, name, default=None):
@@ -66,8 +70,12 @@ class TritonPythonModel:
                     continue
                 prompt = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
                 ids = [i for i in prompt if i >= FIRST_ORDINARY_ID] or [FIRST_ORDINARY_ID]
+                top = int(_scalar(request, "num_top_log_probs", 0) or 0)
                 stream = Stream(request, sender, ids, int(_scalar(request, "request_output_len", 16)),
-                                bool(_scalar(request, "streaming", False)), prompt_tokens=len(prompt))
+                                bool(_scalar(request, "streaming", False)), prompt_tokens=len(prompt),
+                                sequences=int(_scalar(request, "num_return_sequences", 1) or 1),
+                                log_probs=bool(_scalar(request, "return_log_probs", False)) or top > 0,
+                                top_log_probs=top)
                 heapq.heappush(self.due, (now + self.interval, next(self.order), stream))
             self.wake.notify()
         return None
@@ -105,11 +113,25 @@ class TritonPythonModel:
         ids = [stream.ids[(stream.sent + k) % len(stream.ids)] for k in range(count)]
         stream.sent += count
         stream.left -= count
+        last = stream.left <= 0
+        for index in range(stream.sequences):
+            response = pb_utils.InferenceResponse(output_tensors=self._tensors(stream, ids, index))
+            if last and index == stream.sequences - 1:
+                stream.sender.send(response, flags=FINAL)
+            else:
+                stream.sender.send(response)
+        return not last
+
+    @staticmethod
+    def _tensors(stream: Stream, ids: list[int], index: int) -> list:
         tensors = [pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32).reshape(1, 1, -1)),
-                   pb_utils.Tensor("sequence_length", np.array([[stream.sent]], dtype=np.int32))]
-        response = pb_utils.InferenceResponse(output_tensors=tensors)
-        if stream.left <= 0:
-            stream.sender.send(response, flags=FINAL)
-            return False
-        stream.sender.send(response)
-        return True
+                   pb_utils.Tensor("sequence_length", np.array([[stream.sent]], dtype=np.int32)),
+                   pb_utils.Tensor("sequence_index", np.array([[index]], dtype=np.int32))]
+        if stream.log_probs:
+            tensors.append(pb_utils.Tensor("output_log_probs", np.full((1, 1, len(ids)), -0.5, dtype=np.float32)))
+        if stream.top_log_probs:
+            k = stream.top_log_probs
+            alternatives = [[stream.ids[(i + j) % len(stream.ids)] for j in range(k)] for i in ids]
+            tensors.append(pb_utils.Tensor("top_log_prob_ids", np.array(alternatives, dtype=np.int32).reshape(1, -1, k)))
+            tensors.append(pb_utils.Tensor("top_log_probs", np.tile(-0.5 - np.arange(k, dtype=np.float32), (1, len(ids), 1))))
+        return tensors
