@@ -180,11 +180,13 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
             # The channel's tracing interceptor passes this request's trace context on.
             calls = [state.inference.Generate(g, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)
                      for g in job.generates]
+            merged = None
             try:
-                prompts = await asyncio.gather(*(_accepted(call) for call in calls))
+                # The calls run at once; their first events are read in turn (a refusal raises).
+                prompts = [await _accepted(call) for call in calls]
                 tally.prompt_tokens = sum(prompts)
                 tally.accepted = True
-                events = calls[0] if len(calls) == 1 else Merged(calls, job.n)
+                events = calls[0] if len(calls) == 1 else (merged := Merged(calls, job.n))
                 if job.stream:
                     return await _stream(request, events, job, tally)
                 return await _complete(events, job, tally)
@@ -192,6 +194,8 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
                 tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
                 raise
             finally:
+                if merged is not None:
+                    merged.cancel()
                 for call in calls:
                     call.cancel()  # a no-op once the call has ended; otherwise the generation stops
     finally:
