@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 from collections.abc import Sequence
 
@@ -121,18 +120,8 @@ def parse_chat_request(body: dict) -> Job:
     )
     if body.get("parallel_tool_calls") is not None:
         generate.parallel_tool_calls = body["parallel_tool_calls"]
-    return Job(
-        id=completion_id,
-        created=int(time.time()),
-        model=body["model"],
-        stream=bool(body.get("stream")),
-        include_usage=params.include_usage(body),
-        generates=(generate,),
-        format=CHAT,
-        max_tokens_name=max_tokens_name,
-        prompt_chars=sum(len(m.content) for m in generate.messages),
-        user=params.user(body),
-    )
+    return Job.from_body(body, completion_id, (generate,), CHAT, max_tokens_name,
+                         prompt_chars=sum(len(m.content) for m in generate.messages))
 
 
 class ChatFormat:

@@ -3,7 +3,6 @@ answered as text_completion objects. The same inference_svc RPC and relay as cha
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 
@@ -41,7 +40,7 @@ def parse_completion_request(body: dict) -> Job:
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     sampling = params.sampling(body)
     stopping = params.stopping(body, "max_tokens", DEFAULT_MAX_TOKENS)
-    generates = tuple(
+    generates = [
         pb.GenerateRequest(
             # One id per prompt: it names each generation in Triton and the logs.
             request_id=completion_id if len(prompts) == 1 else f"{completion_id}-{i}",
@@ -49,20 +48,9 @@ def parse_completion_request(body: dict) -> Job:
             logprobs=logprobs is not None, top_logprobs=logprobs or 0,
         )
         for i, prompt in enumerate(prompts)
-    )
-    return Job(
-        id=completion_id,
-        created=int(time.time()),
-        model=body["model"],
-        stream=bool(body.get("stream")),
-        include_usage=params.include_usage(body),
-        generates=generates,
-        format=TextCompletionFormat(echo),
-        max_tokens_name="max_tokens",
-        prompt_chars=sum(len(p) for p in prompts),
-        operation="text_completion",
-        user=params.user(body),
-    )
+    ]
+    return Job.from_body(body, completion_id, generates, TextCompletionFormat(echo), "max_tokens",
+                         prompt_chars=sum(len(p) for p in prompts), operation="text_completion")
 
 
 class TextCompletionFormat:

@@ -17,6 +17,21 @@ def nullable(schema: Schema) -> Schema:
     return {**schema, "type": [*types, "null"]}
 
 
+def named_schema(key: str, description: str) -> Schema:
+    """A named JSON Schema, as OpenAI's function tools and json_schema response formats carry one."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "a-z, A-Z, 0-9, underscores and dashes, up to 64."},
+            "description": {"type": "string"},
+            key: {"type": "object", "description": description},
+            "strict": nullable({"type": "boolean"}),
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+
+
 TEXT_PART: Schema = {
     "type": "object",
     "description": "A text content part. Images, audio and files are not supported yet.",
@@ -66,17 +81,7 @@ TOOL: Schema = {
     "type": "object",
     "properties": {
         "type": {"type": "string", "enum": ["function"]},
-        "function": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "description": "a-z, A-Z, 0-9, underscores and dashes, up to 64."},
-                "description": {"type": "string"},
-                "parameters": {"type": "object", "description": "The arguments' JSON Schema (an object)."},
-                "strict": nullable({"type": "boolean"}),
-            },
-            "required": ["name"],
-            "additionalProperties": False,
-        },
+        "function": named_schema("parameters", "The arguments' JSON Schema (an object)."),
     },
     "required": ["type", "function"],
     "additionalProperties": False,
@@ -101,17 +106,7 @@ RESPONSE_FORMAT: Schema = {
                    "(by guided decoding: the model can only produce what the schema allows).",
     "properties": {
         "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
-        "json_schema": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "description": "a-z, A-Z, 0-9, underscores and dashes, up to 64."},
-                "description": {"type": "string"},
-                "schema": {"type": "object", "description": "A JSON Schema for the completion."},
-                "strict": nullable({"type": "boolean"}),
-            },
-            "required": ["name"],
-            "additionalProperties": False,
-        },
+        "json_schema": named_schema("schema", "A JSON Schema for the completion."),
     },
     "required": ["type"],
     "additionalProperties": False,

@@ -26,6 +26,7 @@ from cloudach.billing.v1 import billing_pb2
 from cloudach.errors import Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.rpc.errors import error_from_rpc
+from edge import params
 from edge.auth import Principal
 from edge.errors import ApiError, from_domain
 from edge.http import read_json_object
@@ -101,6 +102,15 @@ class Job:
     #: gen_ai.operation.name: chat or text_completion
     operation: str = "chat"
     user: str = ""
+
+    @classmethod
+    def from_body(cls, body: dict, completion_id: str, generates: Sequence[pb.GenerateRequest],
+                  format: ResponseFormat, max_tokens_name: str, prompt_chars: int, operation: str = "chat") -> Job:
+        """The fields every endpoint reads alike (model, stream, stream_options, user) from its body."""
+        return cls(id=completion_id, created=int(time.time()), model=body["model"], stream=bool(body.get("stream")),
+                   include_usage=params.include_usage(body), generates=tuple(generates), format=format,
+                   max_tokens_name=max_tokens_name, prompt_chars=prompt_chars, operation=operation,
+                   user=params.user(body))
 
     @property
     def n(self) -> int:
