@@ -186,9 +186,9 @@ CREATE_COMPLETION_REQUEST: Schema = {
     "description": "The legacy completions API: the prompt goes to the model as it is, without a chat template.",
     "properties": {
         **_COMMON,
-        "prompt": {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1,
-                   "description": "A string, or an array of strings: n choices for each. Token arrays are not "
-                                  "supported."},
+        "prompt": {"type": ["string", "array"], "items": {"type": "string"}, "minItems": 1, "maxItems": 32,
+                   "description": "A string, or an array of up to 32 strings: n choices for each. Token arrays "
+                                  "are not supported."},
         "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": 2**31 - 1,
                                 "description": "Default 16, as OpenAI's."}),
         "echo": nullable({"type": "boolean", "description": "Return the prompt before the completion."}),

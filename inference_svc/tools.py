@@ -1,11 +1,12 @@
 """Tool calling: the tools shown to the model as it was trained to see them, and its calls read back.
 
 Two formats, chosen per model in the registry (`tool_format`):
-- "llama3_json": Llama 3.1 Instruct's JSON-based tool calling, as Meta's model card and prompt
-  format guide give it (llama-models, models/llama3_1/prompt_format.md, "JSON based tool
-  calling"; the same as vLLM's examples/tool_chat_template_llama3.1_json.jinja): "Environment:
-  ipython" in the system turn, the function definitions in the first user turn, a call answered
-  as one bare `{"name": ..., "parameters": {...}}`, its result in an `ipython` turn.
+- "llama3_json": Llama 3.1 Instruct's JSON-based tool calling, as Meta's prompt format guide
+  (llama.meta.com, model-cards-and-prompt-formats/llama3_1, "JSON based tool calling") and the
+  chat template in meta-llama/Llama-3.1-8B-Instruct's tokenizer_config.json give it (vLLM's
+  examples/tool_chat_template_llama3.1_json.jinja is the same): "Environment: ipython" in the
+  system turn, the function definitions in the first user turn, a call answered as one bare
+  `{"name": ..., "parameters": {...}}`, its result in an `ipython` turn.
 - "hermes": the Hermes function-calling format (NousResearch Hermes 2 Pro; also Qwen2.5's), for
   ChatML models such as SmolLM2, whose own template has no tools: the definitions inside
   <tools></tools> in the system turn, each call as `<tool_call>{"name": ..., "arguments": {...}}
@@ -48,7 +49,11 @@ class ToolFormat:
     result_role: str
 
     def definitions(self, tools: Sequence[pb.Tool]) -> str:
-        return "\n".join(json.dumps({"type": "function", "function": _function(t)}) for t in tools)
+        """Hermes: one JSON line a tool; Llama 3.1: each indented by 4, a blank line apart (its template's tojson)."""
+        functions = [{"type": "function", "function": _function(t)} for t in tools]
+        if self.name == "hermes":
+            return "\n".join(json.dumps(f) for f in functions)
+        return "\n\n".join(json.dumps(f, indent=4) for f in functions)
 
     def call_text(self, call: pb.ToolCall) -> str:
         try:
@@ -106,10 +111,11 @@ _HERMES_SYSTEM = (
     "call return a json object with function name and arguments within <tool_call></tool_call> XML tags as "
     "follows:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-dict>}}\n</tool_call>"
 )
+#: as Meta's chat template words it (no space before "Do not use variables": the template's own)
 _LLAMA_USER = (
     "Given the following functions, please respond with a JSON for a function call with its proper arguments that "
     "best answers the given prompt.\n\nRespond in the format {{\"name\": function name, \"parameters\": dictionary "
-    "of argument name and its value}}. Do not use variables.\n\n{tools}\n\n{question}"
+    "of argument name and its value}}.Do not use variables.\n\n{tools}\n\n{question}"
 )
 
 FORMATS = {

@@ -36,6 +36,7 @@ def test_a_list_of_prompts_is_one_generation_each_with_n_choices_and_logprobs_co
     ({"logprobs": 6}, "logprobs"),
     ({"prompt": [1, 2, 3]}, "prompt[0]"),
     ({"prompt": []}, "prompt"),
+    ({"prompt": ["x"] * 33}, "prompt"),  # bounded: one generation each
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_what_is_not_supported_or_invalid_is_refused_naming_the_field(extra, param):
