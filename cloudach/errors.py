@@ -9,6 +9,21 @@ from __future__ import annotations
 import grpc
 
 
+#: no model id is longer; a longer one is refused as unknown without looking it up
+MAX_MODEL_ID_CHARS = 256
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """Text a caller sent, quoted in an error message: cut to limit characters, so a message (and
+    the gRPC trailer carrying it) stays small whatever was sent."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def model_not_found(model: str) -> NotFound:
+    return NotFound(f"The model `{shown(model)}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
 class CloudachError(Exception):
     """An error a caller should see, with the field it concerns and a machine-readable code."""
 

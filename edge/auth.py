@@ -47,11 +47,20 @@ class Principal:
         return (("authorization", f"Bearer {self.token}"),)
 
 
+#: longer than any key auth_svc issues; a longer one is refused without asking auth_svc
+MAX_KEY_CHARS = 256
+
+
 def bearer_key(authorization: str | None) -> str:
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, _MISSING, code="invalid_api_key")
-    return key.strip()
+    key = key.strip()
+    # Keys are printable ASCII: anything else (a byte that is not UTF-8 arrives as a surrogate
+    # escape) cannot be one, and must not reach a hash, a log line or gRPC metadata.
+    if len(key) > MAX_KEY_CHARS or not (key.isascii() and key.isprintable()):
+        raise ApiError(401, _INCORRECT, code="invalid_api_key")
+    return key
 
 
 def _principal(reply: pb.AuthenticateResponse) -> Principal:

@@ -20,10 +20,37 @@ _UNPARSABLE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
     "your HTTP library correctly. The API expects a JSON payload, but what was sent was not valid JSON.)"
 )
+_UNPARSABLE_TEXT = ("We could not parse the JSON body of your request: a string holds an unpaired UTF-16 surrogate "
+                    "escape (\\ud800-\\udfff), which is not valid Unicode text.")
+
+
+#: deeper than any request OpenAI defines needs (a json_schema nests, but not this far)
+MAX_JSON_DEPTH = 64
+#: a UTF-16 surrogate: JSON may escape one ("\ud800"), UTF-8 cannot carry it (protobuf refuses it)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _check_values(body: Any) -> None:
+    """Refuses nesting past MAX_JSON_DEPTH and strings (keys too) that are not valid Unicode text."""
+    pending = [(body, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"The JSON body of your request nests deeper than {MAX_JSON_DEPTH} levels.")
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise bad_request(_UNPARSABLE_TEXT)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    raise bad_request(_UNPARSABLE_TEXT)
+                pending.append((item, depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1) for item in value)
 
 
 async def read_json_object(request: web.Request) -> dict:
@@ -39,8 +66,11 @@ async def read_json_object(request: web.Request) -> dict:
         body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError):
         raise bad_request(_UNPARSABLE) from None
+    except RecursionError:  # nested past what the parser's stack allows
+        raise bad_request(f"The JSON body of your request nests deeper than {MAX_JSON_DEPTH} levels.") from None
     if not isinstance(body, dict):
         raise bad_request("Invalid type for request body: expected a JSON object.", code="invalid_type")
+    _check_values(body)
     return body
 
 

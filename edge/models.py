@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from cloudach.inference.v1 import inference_pb2 as pb
-from edge.errors import ApiError
+from cloudach.errors import MAX_MODEL_ID_CHARS, model_not_found
 from edge.state import PRINCIPAL, STATE
 
 LIST_TIMEOUT_S = 5.0
@@ -28,7 +28,8 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def retrieve_model(request: web.Request) -> web.Response:
     wanted = request.match_info["model"]
-    for info in await _models(request):
-        if info.id == wanted:
-            return web.json_response(_model(info))
-    raise ApiError(404, f"The model `{wanted}` does not exist or you do not have access to it.", code="model_not_found")
+    if len(wanted) <= MAX_MODEL_ID_CHARS:
+        for info in await _models(request):
+            if info.id == wanted:
+                return web.json_response(_model(info))
+    raise model_not_found(wanted)

@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import propagate, trace
 
 from cloudach.billing.v1 import billing_pb2
-from cloudach.errors import Unavailable
+from cloudach.errors import MAX_MODEL_ID_CHARS, Unavailable, model_not_found
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.rpc.errors import error_from_rpc
 from edge import params
@@ -107,6 +107,8 @@ class Job:
     def from_body(cls, body: dict, completion_id: str, generates: Sequence[pb.GenerateRequest],
                   format: ResponseFormat, max_tokens_name: str, prompt_chars: int, operation: str = "chat") -> Job:
         """The fields every endpoint reads alike (model, stream, stream_options, user) from its body."""
+        if len(body["model"]) > MAX_MODEL_ID_CHARS:
+            raise from_domain(model_not_found(body["model"]))
         return cls(id=completion_id, created=int(time.time()), model=body["model"], stream=bool(body.get("stream")),
                    include_usage=params.include_usage(body), generates=tuple(generates), format=format,
                    max_tokens_name=max_tokens_name, prompt_chars=prompt_chars, operation=operation,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudach.errors import NotFound
+from cloudach.errors import model_not_found
 from inference_svc.templates import RAW_PREFIXES, TEMPLATES, Message, Piece
 from inference_svc.tokenizer import Tokenizer, encode_pieces, load_tokenizer
 from inference_svc.tools import FORMATS
@@ -63,11 +63,7 @@ class ModelRegistry:
         try:
             return self._models[model_id]
         except KeyError:
-            raise NotFound(
-                f"The model `{model_id}` does not exist or you do not have access to it.",
-                param="model",
-                code="model_not_found",
-            ) from None
+            raise model_not_found(model_id) from None
 
     def __iter__(self):
         return iter(self._models.values())

@@ -264,3 +264,47 @@ async def test_ready_is_503_when_no_model_is_ready(registry, auth):
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{url}/ready") as r:
                 assert r.status == 503
+
+
+def raw_request(url: str, head: bytes, body: bytes) -> bytes:
+    """One HTTP/1.1 request written by hand (header bytes no client library would send)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("raw, status", [
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}).encode(), 400),
+    (b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}], "stop": {"\udfff": 1}}).encode(), 400),
+])
+async def test_hostile_json_is_a_400_in_the_envelope(registry, auth, raw, status):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
+        code, headers, body = await post(url, raw=raw)
+    assert code == status, body[:300]
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_model_name_of_100_kb_is_a_404_model_not_found(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
+        status, _, body = await post(url, {**CHAT, "model": "m" * 100_000})
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/v1/models/{'m' * 5_000}", headers=AUTH) as r:
+                retrieved = r.status, await r.read()
+    error = json.loads(body)["error"]
+    assert status == 404 and error["code"] == "model_not_found" and len(error["message"]) < 400
+    assert retrieved[0] == 404 and json.loads(retrieved[1])["error"]["code"] == "model_not_found"
+
+
+async def test_a_non_utf8_authorization_header_is_a_401(registry, auth):
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
+        reply = await asyncio.to_thread(raw_request, url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                        b"Authorization: Bearer ck-\xff\xfe\r\nContent-Type: application/json\r\n",
+                                        json.dumps(CHAT).encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), reply[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
