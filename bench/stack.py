@@ -37,10 +37,10 @@ class BenchStack:
 @contextlib.contextmanager
 def bench_stack(model_repository: pathlib.Path, tokens_per_s: float = 0.0) -> Iterator[BenchStack]:
     state = pathlib.Path(tempfile.mkdtemp(prefix="cloudach-bench-")) / ".cloudach"
-    edge, inference, auth, billing, *metrics = free_ports(7)
+    edge, inference, auth, billing, *metrics = free_ports(8)
     settings = StackSettings(port=edge, inference_port=inference, auth_port=auth, billing_port=billing,
                              inference_metrics_port=metrics[0], auth_metrics_port=metrics[1],
-                             billing_metrics_port=metrics[2])
+                             billing_metrics_port=metrics[2], edge_metrics_port=metrics[3])
     env = {**LOAD_SETTINGS, "CLOUDACH_BENCH_TOKENS_PER_S": str(tokens_per_s)}
     supervisor = Supervisor(stack_children(state, settings, model_repository, env), state / "stack.json",
                             say=lambda line: None)

@@ -12,7 +12,8 @@ EDGE_PORT = 8080
 INFERENCE_PORT = 50051
 AUTH_PORT = 50052
 BILLING_PORT = 50053
-#: Prometheus metrics of the gRPC services (the edge serves its own at /metrics)
+#: Prometheus metrics of each service, on ports of their own (never the public API's)
+EDGE_METRICS_PORT = 9100
 INFERENCE_METRICS_PORT = 9101
 AUTH_METRICS_PORT = 9102
 BILLING_METRICS_PORT = 9103

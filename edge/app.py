@@ -65,6 +65,25 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
                 await deliverer
 
 
+async def metrics_site(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: /metrics on the configured metrics address for the app's lifetime."""
+    config = app[STATE].config
+    if config.metrics_port < 0:
+        yield
+        return
+    metrics_app = web.Application()
+    metrics_app[METRICS] = app[METRICS]
+    metrics_app.router.add_get("/metrics", metrics_endpoint)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.metrics_host, config.metrics_port)
+    await site.start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
 def create_app(config: EdgeConfig) -> web.Application:
     app = web.Application(
         # The server span is outermost, so it covers authentication and records the final status.
@@ -76,6 +95,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app[STATE] = EdgeState(config, admission, metrics)
     app[METRICS] = metrics
     app.cleanup_ctx.append(channels)
+    app.cleanup_ctx.append(metrics_site)
     app.on_response_prepare.append(common_headers)
     app.on_response_prepare.append(record_status)
     app.router.add_post("/v1/chat/completions", chat.create_chat_completion)
@@ -85,6 +105,5 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/usage", usage.get_usage)
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
-    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi.openapi_json)
     return app

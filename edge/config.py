@@ -12,6 +12,9 @@ from cloudach.config import from_env, setting
 class EdgeConfig:
     host: str = setting(d.HOST, "CLOUDACH_EDGE_HOST")
     port: int = setting(d.EDGE_PORT, "CLOUDACH_PORT")
+    #: Prometheus /metrics on metrics_host:metrics_port, apart from the API (0: a free port; -1: not served)
+    metrics_host: str = setting(d.HOST, "CLOUDACH_EDGE_METRICS_HOST")
+    metrics_port: int = setting(d.EDGE_METRICS_PORT, "CLOUDACH_EDGE_METRICS_PORT")
     #: inference_svc's gRPC address
     inference_target: str = setting(d.address(d.INFERENCE_PORT), "CLOUDACH_INFERENCE_TARGET")
     #: auth_svc's gRPC address

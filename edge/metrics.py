@@ -1,4 +1,5 @@
-"""The edge's Prometheus metrics, in its own registry, served at GET /metrics."""
+"""The edge's Prometheus metrics, in its own registry, served at GET /metrics on an address of
+their own (CLOUDACH_EDGE_METRICS_PORT), never on the public API's port."""
 
 from __future__ import annotations
 
@@ -34,3 +35,4 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     """GET /metrics, in Prometheus's text format."""
     return web.Response(body=generate_latest(request.app[METRICS].registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
+

@@ -168,6 +168,8 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
     config = state.config
     principal = request[PRINCIPAL]
     quota = Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
+    # The metrics' model label: only a model inference_svc served, so made-up names add no series.
+    request[MODEL] = "unknown"
     try:
         job = parse(await read_json_object(request))
         request[MAX_TOKENS_NAME] = job.max_tokens_name
@@ -177,7 +179,6 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
         decision = await state.limiter.admit(principal.key_id, Quota(quota.requests_per_minute, 0, 0), "", 0, 0)
         request[RATE_HEADERS] = headers(decision)
         raise
-    request[MODEL] = job.model
     reserved = _reservation(job, config.default_reserved_output_tokens)
     span = trace.get_current_span()
     span.set_attributes(_request_attributes(job, principal))
@@ -198,6 +199,7 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
                 prompts = [await _accepted(call) for call in calls]
                 tally.prompt_tokens = sum(prompts)
                 tally.accepted = True
+                request[MODEL] = job.model
                 events = calls[0] if len(calls) == 1 else (merged := Merged(calls, job.n))
                 if job.stream:
                     return await _stream(request, events, job, tally)

@@ -101,8 +101,9 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
     state_dir = tmp_path_factory.mktemp("e2e") / ".cloudach"
-    port, inference_port, auth_port, billing_port, *metrics = free_ports(7)
-    metrics_ports = {f"CLOUDACH_{name}_METRICS_PORT": str(p) for name, p in zip(("INFERENCE", "AUTH", "BILLING"), metrics)}
+    port, inference_port, auth_port, billing_port, *metrics = free_ports(8)
+    metrics_ports = {f"CLOUDACH_{name}_METRICS_PORT": str(p)
+                     for name, p in zip(("INFERENCE", "AUTH", "BILLING", "EDGE"), metrics)}
     process = subprocess.Popen(
         [sys.executable, "-m", "tools", "up", "--state-dir", str(state_dir), "--port", str(port),
          "--inference-port", str(inference_port), "--auth-port", str(auth_port), "--billing-port", str(billing_port)],

@@ -11,6 +11,7 @@ import pytest
 from auth_svc.store import Limits
 from inference_svc.server import running_inference
 from tests.integration.services import MODEL, SPANS, inference_config, running_edge
+from tools.launcher.ports import free_ports
 
 pytestmark = pytest.mark.triton
 PROMPT = "Tell me about lighthouses, secret-prompt-marker."
@@ -94,10 +95,14 @@ async def test_metrics_move_by_exactly_what_the_requests_did(registry, auth, bil
     key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
     engine = FakeEngine(steps=[registry.get(MODEL).tokenizer.encode(" ok")] * 4)
     async with running_inference(inference_config(auth), engine=engine, registry=registry) as inf:
-        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+        (metrics_port,) = free_ports(1)
+        async with running_edge(inf.address, auth.address, billing_target=billing.address, metrics_port=metrics_port) as url:
             inference_metrics = f"http://127.0.0.1:{inf.grpc.metrics_port}/metrics"
+            edge_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
             async with aiohttp.ClientSession() as session:
-                edge_before, inf_before = await scrape(session, f"{url}/metrics"), await scrape(session, inference_metrics)
+                async with session.get(f"{url}/metrics") as r:
+                    assert r.status == 404  # not on the public API's port
+                edge_before, inf_before = await scrape(session, edge_metrics), await scrape(session, inference_metrics)
                 usage = 0
                 for stream in (True, False):
                     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
@@ -109,17 +114,24 @@ async def test_metrics_move_by_exactly_what_the_requests_did(registry, auth, bil
                 async with session.post(f"{url}/v1/chat/completions", json={"model": MODEL},
                                         headers={"Authorization": f"Bearer {key}"}) as r:
                     assert r.status == 400
+                for made_up in ("gpt-9", "gpt-10"):
+                    async with session.post(f"{url}/v1/chat/completions", json={**body, "model": made_up},
+                                            headers={"Authorization": f"Bearer {key}"}) as r:
+                        assert r.status == 404
                 async with session.post(f"{url}/v1/chat/completions", json={}) as r:
                     assert r.status == 401
                 await asyncio.sleep(0.2)
-                edge, inference = await scrape(session, f"{url}/metrics"), await scrape(session, inference_metrics)
+                edge, inference = await scrape(session, edge_metrics), await scrape(session, inference_metrics)
     route = "/v1/chat/completions"
 
     def moved(metrics, before, name, **labels):
         return value(metrics, name, **labels) - value(before, name, **labels)
 
     assert moved(edge, edge_before, "cloudach_edge_requests_total", route=route, status="200", model=MODEL) == 2
-    assert moved(edge, edge_before, "cloudach_edge_requests_total", route=route, status="400", model="") == 1
+    assert moved(edge, edge_before, "cloudach_edge_requests_total", route=route, status="400", model="unknown") == 1
+    # made-up model names make no series of their own
+    assert moved(edge, edge_before, "cloudach_edge_requests_total", route=route, status="404", model="unknown") == 2
+    assert not [labels for name, labels in edge if "gpt-9" in str(labels)]
     assert moved(edge, edge_before, "cloudach_edge_requests_total", route=route, status="401", model="") == 1
     assert moved(edge, edge_before, "cloudach_edge_output_tokens_total", model=MODEL) == usage
     assert moved(edge, edge_before, "cloudach_edge_time_to_first_token_seconds_count", model=MODEL) == 2

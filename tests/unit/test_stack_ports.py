@@ -13,9 +13,10 @@ from tools.settings import StackSettings
 
 
 def _free_settings() -> StackSettings:
-    ports = free_ports(7)
+    ports = free_ports(8)
     return StackSettings(port=ports[0], inference_port=ports[1], auth_port=ports[2], billing_port=ports[3],
-                         inference_metrics_port=ports[4], auth_metrics_port=ports[5], billing_metrics_port=ports[6])
+                         inference_metrics_port=ports[4], auth_metrics_port=ports[5], billing_metrics_port=ports[6],
+                         edge_metrics_port=ports[7])
 
 
 def test_a_taken_port_is_one_line_naming_the_option_and_variable_to_change():
@@ -57,7 +58,7 @@ def test_up_with_the_api_port_taken_starts_nothing(tmp_path):
         holder.bind(("127.0.0.1", settings.port))
         holder.listen()
         env = {**os.environ, **{f"CLOUDACH_{n}_METRICS_PORT": str(getattr(settings, f"{n.lower()}_metrics_port"))
-                                for n in ("INFERENCE", "AUTH", "BILLING")}}
+                                for n in ("EDGE", "INFERENCE", "AUTH", "BILLING")}}
         done = subprocess.run(
             [sys.executable, "-m", "tools", "up", "--state-dir", str(tmp_path / "state"), "--port", str(settings.port),
              "--inference-port", str(settings.inference_port), "--auth-port", str(settings.auth_port),

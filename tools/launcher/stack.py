@@ -28,7 +28,7 @@ MODEL_NAME = "smollm2-135m-instruct"
 PORT_USERS = {
     "port": ("the HTTP API", "--port"), "inference_port": ("inference_svc", "--inference-port"),
     "auth_port": ("auth_svc", "--auth-port"), "billing_port": ("billing_svc", "--billing-port"),
-    "inference_metrics_port": ("inference_svc's metrics", None), "auth_metrics_port": ("auth_svc's metrics", None),
+    "edge_metrics_port": ("the edge's metrics", None), "inference_metrics_port": ("inference_svc's metrics", None), "auth_metrics_port": ("auth_svc's metrics", None),
     "billing_metrics_port": ("billing_svc's metrics", None),
 }
 
@@ -98,7 +98,7 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
             "CLOUDACH_INFERENCE_METRICS_PORT": str(settings.inference_metrics_port), "CLOUDACH_AUTH_TARGET": auth,
         }, logs),
         python_service("edge", f"{edge_url}/v1", ("http", f"{edge_url}/ready"), {
-            **env, "CLOUDACH_PORT": str(settings.port),
+            **env, "CLOUDACH_PORT": str(settings.port), "CLOUDACH_EDGE_METRICS_PORT": str(settings.edge_metrics_port),
             "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
             "CLOUDACH_EDGE_OUTBOX_PATH": str(data / d.EDGE_OUTBOX),
             # the local stack's edge reports usage with the dev (admin) key's tokens
