@@ -43,11 +43,12 @@ async def running_billing(config: BillingConfig, verifier: TokenVerifier | None 
         if verifier is None:
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(channel))
+        registry = CollectorRegistry()
         server = await start_grpc_server(
             config.listen_address,
-            lambda s: billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingService(store, prices), s),
+            lambda s: billing_pb2_grpc.add_BillingServiceServicer_to_server(BillingService(store, prices, registry), s),
             [SERVICE_NAME],
-            metrics=("billing", CollectorRegistry(), None if config.metrics_port < 0 else config.metrics_port),
+            metrics=("billing", registry, None if config.metrics_port < 0 else config.metrics_port),
             interceptors=[TokenInterceptor(verifier)],
         )
         try:

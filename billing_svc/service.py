@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
+from prometheus_client import CollectorRegistry, Counter
+
 from billing_svc.prices import PriceList
 from billing_svc.store import Bucket, Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1 import billing_pb2_grpc
-from cloudach.errors import InvalidArgument, PermissionDenied
+from cloudach.errors import InvalidArgument, PermissionDenied, shown
 from cloudach.rpc.auth import caller
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,37 @@ def _bucket(b: Bucket) -> pb.UsageBucket:
                           completion_tokens=b.completion_tokens, cost_micros=b.cost_micros)
 
 
+#: the last millisecond a protobuf Timestamp holds (9999-12-31T23:59:59.999Z)
+MAX_UNIX_MS = 253_402_300_799_999
+
+
+def _range(request: pb.GetUsageRequest) -> tuple[int, int]:
+    start = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
+    end = request.end_time.ToMilliseconds() if request.HasField("end_time") else int(time.time() * 1000) + 86_400_000
+    for name, ms in (("start_time", start), ("end_time", end)):
+        if not 0 <= ms <= MAX_UNIX_MS:
+            raise InvalidArgument(f"{name} must be between 1970 and 9999", param=name)
+    if end <= start:
+        raise InvalidArgument("end_time must be after start_time", param="end_time")
+    return start, end
+
+
 class BillingService(billing_pb2_grpc.BillingServiceServicer):
-    def __init__(self, store: UsageStore, prices: PriceList) -> None:
+    def __init__(self, store: UsageStore, prices: PriceList, registry: CollectorRegistry | None = None) -> None:
         self._store = store
         self._prices = prices
+        self._unpriced = Counter("cloudach_billing_unpriced_records_total",
+                                 "Usage records of a model the price list does not name (recorded at zero: alert on it)",
+                                 registry=registry or CollectorRegistry())
 
     async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
         caller()  # any service with a valid token may report usage
         record = _record(request.record)
+        if record.model not in self._prices.models:
+            # Recorded all the same (tokens are never dropped), but never silently at zero.
+            self._unpriced.inc()
+            log.warning("UNPRICED MODEL: usage record %s for model %s recorded at price 0; add it to the price list",
+                        record.request_id, shown(record.model))
         created = await self._store.record(record, self._prices.price(record.model))
         if not created:
             log.info("duplicate usage record %s ignored", record.request_id)
@@ -65,8 +90,7 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
         own = (scope == "organization" and value == claims.get("org")) or (scope == "key_id" and value == claims.get("sub"))
         if not (claims.get("adm") or own):
             raise PermissionDenied("reading another organization's usage needs an admin key", code="admin_required")
-        start = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
-        end = request.end_time.ToMilliseconds() if request.HasField("end_time") else int(time.time() * 1000) + 86_400_000
+        start, end = _range(request)
         buckets = await self._store.usage(scope, value, start, end)
         total = pb.UsageBucket(
             requests=sum(b.requests for b in buckets), prompt_tokens=sum(b.prompt_tokens for b in buckets),

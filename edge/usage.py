@@ -24,20 +24,31 @@ def usage_json(reply: pb.GetUsageResponse, scope: str, value: str) -> dict:
     }
 
 
+#: the last second a protobuf Timestamp holds (9999-12-31T23:59:59Z)
+MAX_UNIX_S = 253_402_300_799
+
+
 def _time(request: web.Request, name: str) -> Timestamp | None:
     raw = request.query.get(name)
     if raw is None:
         return None
     try:
-        return Timestamp(seconds=int(raw))
+        seconds = int(raw)
     except ValueError:
         raise bad_request(f"Invalid '{name}': expected unix seconds.", param=name, code="invalid_type") from None
+    if not 0 <= seconds <= MAX_UNIX_S:
+        raise bad_request(f"Invalid '{name}': expected unix seconds from 0 to {MAX_UNIX_S}.", param=name,
+                          code="invalid_value")
+    return Timestamp(seconds=seconds)
 
 
 async def get_usage(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     scope = "key_id" if "key_id" in request.query else "organization"
     value = request.query.get(scope) or (principal.organization if scope == "organization" else "")
-    query = pb.GetUsageRequest(**{scope: value}, start_time=_time(request, "start_time"), end_time=_time(request, "end_time"))
+    start, end = _time(request, "start_time"), _time(request, "end_time")
+    if start is not None and end is not None and end.seconds <= start.seconds:
+        raise bad_request("Invalid 'end_time': it must be after 'start_time'.", param="end_time", code="invalid_value")
+    query = pb.GetUsageRequest(**{scope: value}, start_time=start, end_time=end)
     reply = await request.app[STATE].billing.GetUsage(query, metadata=principal.grpc_metadata, timeout=10)
     return web.json_response(usage_json(reply, scope, value))

@@ -212,6 +212,43 @@ async def test_organization_totals_equal_the_sum_of_the_responses_usage(registry
                     assert r.status == 403
 
 
+@pytest.mark.parametrize("query, param", [
+    ({"start_time": "9223372036854775807"}, "start_time"),
+    ({"end_time": "-1"}, "end_time"),
+    ({"start_time": "1700000000", "end_time": "1600000000"}, "end_time"),
+    ({"start_time": "yesterday"}, "start_time"),
+])
+async def test_usage_time_ranges_are_checked(registry, auth, billing, query, param):
+    async with running_inference(inference_config(auth), engine=engine(registry), registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{url}/v1/usage", params=query,
+                                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                    status, body = r.status, await r.json()
+    assert status == 400 and body["error"]["param"] == param
+
+
+async def test_a_model_missing_from_the_price_list_is_recorded_and_alerted_on(auth, billing, caplog):
+    import grpc
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
+
+    started = Timestamp(seconds=1_700_000_000)
+    record = billing_pb2.UsageRecord(request_id=f"r-{uuid.uuid4().hex}", key_id="k", organization="o", model="mystery-1",
+                                     prompt_tokens=5, completion_tokens=7, outcome=billing_pb2.OUTCOME_COMPLETED,
+                                     started_at=started, ended_at=started)
+    metadata = (("authorization", f"Bearer {service_token(auth)}"),)
+    async with grpc.aio.insecure_channel(billing.address) as channel:
+        reply = await billing_pb2_grpc.BillingServiceStub(channel).RecordUsage(
+            billing_pb2.RecordUsageRequest(record=record), metadata=metadata)
+    assert reply.created and (await billing.store.get(record.request_id)).completion_tokens == 7
+    assert "UNPRICED MODEL" in caplog.text and "mystery-1" in caplog.text
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{billing.grpc.metrics_port}/metrics") as r:
+            assert "cloudach_billing_unpriced_records_total 1.0" in await r.text()
+
+
 async def test_a_client_that_leaves_is_billed_for_the_prompt_and_what_was_generated(registry, auth, billing):
     key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
     async with running_inference(inference_config(auth), engine=engine(registry, delay_s=0.05, words=200),
