@@ -30,7 +30,7 @@ from edge import params
 from edge.auth import Principal
 from edge.errors import ApiError, from_domain
 from edge.http import read_json_object
-from edge.ratelimit import Quota, headers, refusal
+from edge.ratelimit import Decision, Limiter, Quota, headers, refusal
 from edge.sse import DONE, KEEPALIVE, error_event, usage_dict
 from edge.state import MAX_TOKENS_NAME, MODEL, PRINCIPAL, RATE_HEADERS, STATE
 
@@ -182,7 +182,7 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
     reserved = _reservation(job, config.default_reserved_output_tokens)
     span = trace.get_current_span()
     span.set_attributes(_request_attributes(job, principal))
-    decision = await state.limiter.admit(principal.key_id, quota, job.id, reserved, lease_s=config.request_timeout_s)
+    decision = await admit(state.limiter, principal.key_id, quota, job.id, reserved, config.request_timeout_s)
     request[RATE_HEADERS] = headers(decision)
     if not decision.allowed:
         state.metrics.rejections.labels(f"rate_limit_{decision.refused_by}").inc()
@@ -217,6 +217,27 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
         # Shielded as one unit: a client that leaves (even just after [DONE]) cancels this handler,
         # and must interrupt neither the durable write of its bill nor the release of its limits.
         await asyncio.shield(_settle(request, principal, job, tally, quota, reserved))
+
+
+async def admit(limiter: Limiter, key_id: str, quota: Quota, request_id: str, reserved: int,
+                lease_s: float) -> Decision:
+    """The limiter's decision. A request cancelled while the limiter is asked (its client left
+    during the Redis round trip) gives back whatever the decision took, so no concurrency lease or
+    token reservation outlives its request."""
+    asking = asyncio.ensure_future(limiter.admit(key_id, quota, request_id, reserved, lease_s=lease_s))
+    try:
+        return await asyncio.shield(asking)
+    except asyncio.CancelledError:
+        await asyncio.shield(_give_back(limiter, asking, key_id, quota, request_id, reserved))
+        raise
+
+
+async def _give_back(limiter: Limiter, asking: asyncio.Future, key_id: str, quota: Quota, request_id: str,
+                     reserved: int) -> None:
+    decision = await asking
+    if decision.allowed:
+        await limiter.settle(key_id, quota, reserved, 0)
+        await limiter.release(key_id, request_id)
 
 
 class Merged:
