@@ -19,7 +19,7 @@ from cloudach.telemetry import client_interceptors
 from edge import chat, completions, health, models, openapi, usage
 from edge.admission import Admission
 from edge.auth import Authenticator
-from edge.billing import ServiceToken, UsageOutbox, deliver_forever
+from edge.billing import ServiceToken, UsageOutbox, deliver_forever, watch_depth
 from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
 from edge.middleware import auth_middleware, common_headers, errors_middleware
@@ -54,15 +54,20 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         identity = None
         if config.service_key_file:
             identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())
-        deliverer = asyncio.create_task(deliver_forever(
-            state.outbox, state.billing, identity, state.outbox_wake, config.outbox_max_backoff_s,
-            depth_gauge=state.metrics.outbox_depth))
+        tasks = [
+            asyncio.create_task(deliver_forever(state.outbox, state.billing, identity, state.outbox_wake,
+                                                config.outbox_max_backoff_s,
+                                                set_aside_counter=state.metrics.outbox_set_aside)),
+            asyncio.create_task(watch_depth(state.outbox, state.metrics.outbox_depth, config.outbox_depth_every_s)),
+        ]
         try:
             yield
         finally:
-            deliverer.cancel()  # what is not delivered stays in the outbox for the next start
-            with contextlib.suppress(asyncio.CancelledError):
-                await deliverer
+            for task in tasks:
+                task.cancel()  # what is not delivered stays in the outbox for the next start
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 async def metrics_site(app: web.Application) -> AsyncIterator[None]:

@@ -4,7 +4,10 @@ Each request that reached inference is written to a local SQLite outbox (WAL, sy
 writes) as it ends, whatever the outcome. A background task delivers records to billing_svc,
 oldest first, deleting each once acknowledged; RecordUsage is idempotent by request id, so a
 record delivered twice (the edge died between delivery and deletion) is still counted once.
-While billing_svc is unreachable, records wait with exponential backoff, across restarts.
+While billing_svc is unreachable, records wait with exponential backoff, across restarts. The
+deliverer never stops for an error: whatever fails (the outbox's database, a token, a call) is
+logged and retried after a backoff; a record that cannot be read, or that billing_svc keeps
+failing on, is set aside (kept, counted, logged) after MAX_ATTEMPTS, and the rest flow on.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.db import Database
-from cloudach.errors import InvalidArgument
+from cloudach.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from cloudach.rpc.errors import error_from_rpc
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ MIGRATIONS = [
     "ALTER TABLE outbox ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''",
 ]
 _COUNT = "SELECT COUNT(*) FROM outbox"
+#: deliveries billing_svc answered with an error (not just unreachable) before a record is set aside
+MAX_ATTEMPTS = 10
 tracer = trace.get_tracer("cloudach.edge")
 
 
@@ -69,17 +74,33 @@ class UsageOutbox:
             (record.request_id, record.SerializeToString(), int(time.time() * 1000), traceparent),
         )
 
-    async def pending(self, limit: int) -> list[tuple[int, pb.UsageRecord, str]]:
+    async def pending(self, limit: int, on_set_aside=None) -> list[tuple[int, pb.UsageRecord, str]]:
+        """The oldest records to deliver; a row that does not parse is set aside (on_set_aside is told)."""
         rows = await self._db.fetchall(
             "SELECT id, record, traceparent FROM outbox WHERE dead = 0 ORDER BY id LIMIT ?", (limit,))
-        return [(row_id, pb.UsageRecord.FromString(blob), traceparent) for row_id, blob, traceparent in rows]
+        records = []
+        for row_id, blob, traceparent in rows:
+            try:
+                records.append((row_id, pb.UsageRecord.FromString(blob), traceparent))
+            except Exception:  # noqa: BLE001 - a corrupt row must not stop the ones behind it
+                log.error("USAGE RECORD UNREADABLE: outbox row %d set aside", row_id)
+                await self.set_aside(row_id)
+                if on_set_aside is not None:
+                    on_set_aside()
+        return records
+
+    async def failed(self, row_id: int) -> int:
+        """One more delivery billing_svc answered with an error; returns the attempts so far."""
+        await self._db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
+        row = await self._db.fetchone("SELECT attempts FROM outbox WHERE id = ?", (row_id,))
+        return int(row[0]) if row else 0
 
     async def delivered(self, row_id: int) -> None:
         await self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
 
     async def set_aside(self, row_id: int) -> None:
         """A record billing_svc refuses as invalid: kept (never lost) but no longer retried."""
-        await self._db.execute("UPDATE outbox SET dead = 1, attempts = attempts + 1 WHERE id = ?", (row_id,))
+        await self._db.execute("UPDATE outbox SET dead = 1 WHERE id = ?", (row_id,))
 
     async def depth(self) -> int:
         row = await self._db.fetchone(_COUNT)
@@ -107,9 +128,11 @@ class ServiceToken:
 
 
 async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, metadata: tuple[tuple[str, str], ...],
-                   records: list[tuple[int, pb.UsageRecord, str]]) -> None:
-    """Delivers records in order, deleting each once billing_svc has it; one it refuses as
-    invalid is set aside. Any other failure propagates, and the rest wait for the next attempt."""
+                   records: list[tuple[int, pb.UsageRecord, str]], on_set_aside=None) -> None:
+    """Delivers records in order, deleting each once billing_svc has it. One it refuses as
+    invalid, or fails on MAX_ATTEMPTS times, is set aside; one it fails on fewer times waits for
+    the next round while the others go on. billing_svc unreachable propagates: every record waits."""
+    retry = 0
     for row_id, record, traceparent in records:
         parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
         try:
@@ -117,27 +140,50 @@ async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, metadata: t
                                               attributes={"cloudach.request_id": record.request_id}):
                 await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
         except grpc.aio.AioRpcError as error:
-            if not isinstance(error_from_rpc(error), InvalidArgument):
-                raise
-            log.error("billing_svc refused usage record %s: %s", record.request_id, error.details())
+            failure = error_from_rpc(error)
+            if isinstance(failure, (Unavailable, DeadlineExceeded)):
+                raise  # billing_svc is away: every record waits
+            if not isinstance(failure, InvalidArgument) and await outbox.failed(row_id) < MAX_ATTEMPTS:
+                retry += 1
+                continue
+            log.error("USAGE RECORD SET ASIDE: billing_svc refused %s: %s", record.request_id, failure.message)
             await outbox.set_aside(row_id)
+            if on_set_aside is not None:
+                on_set_aside()
             continue
         await outbox.delivered(row_id)
+    if retry:
+        raise RuntimeError(f"billing_svc failed on {retry} usage record(s); they are retried")
+
+
+async def watch_depth(outbox: UsageOutbox, gauge, every_s: float = 5.0) -> None:
+    """Keeps the outbox-depth gauge current on its own timer, whatever the deliverer is doing."""
+    while True:
+        try:
+            gauge.set(await outbox.depth())
+        except Exception as error:  # noqa: BLE001 - a gauge must not die; the next tick retries
+            log.warning("outbox depth unreadable: %s", error)
+        await asyncio.sleep(every_s)
 
 
 async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, identity: ServiceToken | None,
                           wake: asyncio.Event, max_backoff_s: float = 30.0, batch: int = 100,
-                          depth_gauge=None) -> None:
-    """Delivers the outbox until cancelled; keeps depth_gauge (a Prometheus gauge) current.
+                          set_aside_counter=None) -> None:
+    """Delivers the outbox until cancelled; any failure is logged and retried after a backoff.
 
     Without an identity (no service key) records are kept and nothing is delivered."""
     if identity is None:
         log.warning("usage records are kept in the outbox, not delivered: no service key (CLOUDACH_EDGE_SERVICE_KEY_FILE)")
     backoff = 0.2
+    counted = set_aside_counter.inc if set_aside_counter is not None else None
     while True:
-        if depth_gauge is not None:
-            depth_gauge.set(await outbox.depth())
-        records = await outbox.pending(batch) if identity is not None else []
+        try:
+            records = await outbox.pending(batch, counted) if identity is not None else []
+        except Exception as error:  # noqa: BLE001 - the outbox's database failed: retry, never stop
+            log.error("usage outbox unreadable, retrying in %.1fs: %s", backoff, error)
+            await asyncio.sleep(backoff)
+            backoff = min(max_backoff_s, backoff * 2)
+            continue
         if not records:
             wake.clear()
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
@@ -149,9 +195,10 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
                 pass
             continue
         try:
-            await _deliver(outbox, billing, await identity.metadata(), records)
+            await _deliver(outbox, billing, await identity.metadata(), records, counted)
             backoff = 0.2
-        except grpc.aio.AioRpcError as error:
-            log.warning("usage delivery paused %.1fs: %s", backoff, error_from_rpc(error).message)
+        except Exception as error:  # noqa: BLE001 - supervised: whatever failed, back off and retry
+            reason = error_from_rpc(error).message if isinstance(error, grpc.aio.AioRpcError) else repr(error)
+            log.warning("usage delivery paused %.1fs: %s", backoff, reason)
             await asyncio.sleep(backoff)
             backoff = min(max_backoff_s, backoff * 2)

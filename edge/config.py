@@ -29,6 +29,8 @@ class EdgeConfig:
     service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")
     #: longest pause between delivery attempts while billing_svc is unreachable
     outbox_max_backoff_s: float = setting(30.0, "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S")
+    #: how often the outbox-depth gauge is refreshed
+    outbox_depth_every_s: float = setting(5.0, "CLOUDACH_EDGE_OUTBOX_DEPTH_EVERY_S")
     #: Redis shared by the edge replicas for rate limits ("" keeps limits in this process)
     redis_url: str = setting("", "CLOUDACH_REDIS_URL")
     #: the window of "per minute" limits (shorter only in tests)

@@ -24,6 +24,9 @@ class EdgeMetrics:
         self.rejections = Counter("cloudach_edge_admission_rejections_total",
                                   "Requests refused at admission: rate limits, capacity", ["reason"], registry=r)
         self.outbox_depth = Gauge("cloudach_edge_billing_outbox_depth", "Usage records waiting for billing_svc", registry=r)
+        self.outbox_set_aside = Counter("cloudach_edge_billing_outbox_set_aside_total",
+                                        "Usage records set aside: unreadable, or refused by billing_svc (alert on it)",
+                                        registry=r)
         self.auth_cache = Counter("cloudach_edge_auth_cache_total", "Key checks answered from the cache or by auth_svc",
                                   ["result"], registry=r)
 
