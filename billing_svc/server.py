@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from billing_svc.config import BillingConfig
@@ -17,6 +16,7 @@ from billing_svc.store import UsageStore
 from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
+from cloudach.rpc.client import insecure_channel
 from cloudach.telemetry import client_interceptors
 from cloudach.rpc.server import RunningService, run_service, start_grpc_server
 from cloudach.tokens import TokenVerifier
@@ -41,7 +41,7 @@ async def running_billing(config: BillingConfig, verifier: TokenVerifier | None 
         store = UsageStore(db)
         await store.migrate()
         if verifier is None:
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
+            channel = await stack.enter_async_context(insecure_channel(config.auth_target, client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(channel))
         registry = CollectorRegistry()
         server = await start_grpc_server(

@@ -7,7 +7,6 @@ import contextlib
 import pathlib
 from collections.abc import AsyncIterator
 
-import grpc
 import redis.asyncio as redis
 from aiohttp import web
 from grpc_health.v1.health_pb2_grpc import HealthStub
@@ -15,6 +14,7 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from cloudach.rpc.client import insecure_channel
 from cloudach.telemetry import client_interceptors
 from edge import chat, completions, health, models, openapi, usage
 from edge.admission import Admission
@@ -34,9 +34,9 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
     async with contextlib.AsyncExitStack() as stack:
-        inference = await stack.enter_async_context(grpc.aio.insecure_channel(config.inference_target, interceptors=client_interceptors()))
-        auth = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
-        billing = await stack.enter_async_context(grpc.aio.insecure_channel(config.billing_target, interceptors=client_interceptors()))
+        opened = [await stack.enter_async_context(insecure_channel(target, client_interceptors(), config.grpc_keepalive_s))
+                  for target in (config.inference_target, config.auth_target, config.billing_target)]
+        inference, auth, billing = opened
         state.inference = InferenceServiceStub(inference)
         state.inference_health = HealthStub(inference)
         state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s, counter=state.metrics.auth_cache)

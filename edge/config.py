@@ -17,6 +17,8 @@ class EdgeConfig:
     metrics_port: int = setting(d.EDGE_METRICS_PORT, "CLOUDACH_EDGE_METRICS_PORT")
     #: inference_svc's gRPC address
     inference_target: str = setting(d.address(d.INFERENCE_PORT), "CLOUDACH_INFERENCE_TARGET")
+    #: how often the edge's gRPC channels ping inference_svc, auth_svc and billing_svc
+    grpc_keepalive_s: float = setting(30.0, "CLOUDACH_EDGE_GRPC_KEEPALIVE_S")
     #: auth_svc's gRPC address
     auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: how long an answer of auth_svc about a key is reused (a revoked key works at most this long)

@@ -65,6 +65,12 @@ def _logit_bias(s: pb.SamplingParameters, vocab_size: int) -> tuple[tuple[int, f
     return tuple(sorted(s.logit_bias.items()))
 
 
+def prompt_chars(request: pb.GenerateRequest) -> int:
+    """The characters the prompt will be made of, before the template: the measure of its tokenizing cost."""
+    return (len(request.prompt) + sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages)
+            + sum(len(t.description) + len(t.parameters_json) for t in request.tools))
+
+
 def _prompt_ids(request: pb.GenerateRequest, spec: ModelSpec, tools: ToolPlan | None) -> list[int]:
     """The prompt's token ids: the chat rendered with the model's template, or the raw prompt."""
     if request.HasField("prompt"):
@@ -138,6 +144,13 @@ def plan_generation(
             raise InvalidArgument("a structured-output guide cannot be combined with a forced tool call",
                                   param="tool_choice")
         guide = tools.guide
+    if prompt_chars(request) > spec.context_window * spec.longest_token_bytes:
+        # No token holds more than longest_token_bytes characters: this cannot fit, and
+        # tokenizing megabytes to find that out would only cost time.
+        raise InvalidArgument(
+            f"This model's maximum context length is {spec.context_window} tokens. However, your messages are "
+            f"{prompt_chars(request)} characters long, more than {spec.context_window} tokens can hold. Please "
+            "reduce the length of the messages.", param="messages", code="context_length_exceeded")
     prompt_ids = _prompt_ids(request, spec, tools)
     room = spec.context_window - len(prompt_ids)
     if stopping.HasField("max_new_tokens"):

@@ -5,6 +5,7 @@ business: each entry's `[models.engine]` table is handed to the engine unread.""
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ class ModelSpec:
     created_unix_s: int = 0
     #: the engine's own settings for this model, opaque here
     engine: Mapping[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most bytes (so characters) one token stands for."""
+        return max(len(b) for b in self.tokenizer.token_bytes)
 
     def render(self, messages: Sequence[Message], tools: Sequence[Any] = ()) -> list[Piece]:
         """The chat in the model's template; tools (inference.v1 Tool) and past calls and results

@@ -8,11 +8,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
+from cloudach.rpc.client import insecure_channel
 from cloudach.telemetry import client_interceptors
 from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
 from cloudach.tokens import TokenVerifier
@@ -58,7 +58,7 @@ async def running_inference(
     engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s, {s.id: s.engine for s in registry})
     async with contextlib.AsyncExitStack() as stack:
         if verifier is None:
-            auth_channel = await stack.enter_async_context(grpc.aio.insecure_channel(config.auth_target, interceptors=client_interceptors()))
+            auth_channel = await stack.enter_async_context(insecure_channel(config.auth_target, client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(auth_channel))
         metrics = CollectorRegistry()
         service = InferenceService(registry, engine, config, InferenceMetrics(metrics))

@@ -14,10 +14,12 @@ from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
-from inference_svc.generation import Outcome, plan_generation, stream_generation
+from inference_svc.generation import Outcome, plan_generation, prompt_chars, stream_generation
 from inference_svc.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+#: prompts longer than this (characters) are tokenized off the event loop (about 10 ms of work)
+OFF_LOOP_CHARS = 16 * 1024
 
 
 def trace_headers() -> dict[str, str]:
@@ -61,7 +63,12 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         outcome = Outcome()
         plan = None
         try:
-            plan = plan_generation(request, self._registry, trace_headers())
+            if prompt_chars(request) > OFF_LOOP_CHARS:
+                # Tokenizing a long prompt takes long (a megabyte: ~0.6 s); on the event loop it
+                # would stall every other stream. The tokenizers release the GIL while they run.
+                plan = await asyncio.to_thread(plan_generation, request, self._registry, trace_headers())
+            else:
+                plan = plan_generation(request, self._registry, trace_headers())
             span = trace.get_current_span()
             span.set_attributes({
                 "gen_ai.operation.name": "chat", "gen_ai.request.model": plan.spec.id,

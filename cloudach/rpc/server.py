@@ -56,6 +56,15 @@ class RunningService:
         return f"127.0.0.1:{self.grpc.port}"
 
 
+#: Our clients ping every connection (cloudach.rpc.client.keepalive_options), idle or not. gRPC's
+#: server default answers the third ping without data in five minutes with GOAWAY too_many_pings,
+#: which fails the calls in flight: accept keepalive pings, at any interval.
+KEEPALIVE_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 async def start_grpc_server(
     address: str,
     register: Callable[[grpc.aio.Server], None],
@@ -74,7 +83,8 @@ async def start_grpc_server(
     # and counts, which see each call's domain error; then the rest (the token check).
     name, registry = (metrics[0], metrics[1]) if metrics else (service_names[0].split(".")[1], CollectorRegistry())
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), RpcObservability(name, registry), *interceptors], options=list(options)
+        interceptors=[ErrorInterceptor(), RpcObservability(name, registry), *interceptors],
+        options=[*KEEPALIVE_SERVER_OPTIONS, *options],
     )
     register(server)
     health_servicer = health.aio.HealthServicer()

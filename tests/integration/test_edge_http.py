@@ -308,3 +308,12 @@ async def test_a_non_utf8_authorization_header_is_a_401(registry, auth):
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401"), reply[:300]
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
+async def test_keepalive_pings_on_a_quiet_stream_do_not_get_it_dropped(registry, auth):
+    # The edge pings inference_svc every 0.2 s while the model is silent for 5 s: a server with
+    # gRPC's default ping policy would answer the third ping with GOAWAY and fail the stream.
+    engine = FakeEngine(steps=steps(registry, ["Hi"]), delay_s=5)
+    async with edge_over_fake(engine, registry, auth, grpc_keepalive_s=0.2) as url:
+        status, _, raw = await post(url, {**CHAT, "stream": True})
+    assert status == 200 and events(raw)[-1] == b"data: [DONE]", raw[-300:]

@@ -232,3 +232,11 @@ def test_n_times_max_tokens_past_the_models_memory_is_refused_naming_n(registry)
         plan_generation(request(n=4, stopping=pb.StoppingCriteria(max_new_tokens=250)), small)
     assert raised.value.param == "n" and "at most 1000" in raised.value.message
     assert plan_generation(request(n=4, stopping=pb.StoppingCriteria(max_new_tokens=200)), small).engine_request.n == 4
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_without_tokenizing(registry):
+    spec = registry.get(MODEL)
+    huge = pb.ChatMessage(role=pb.ROLE_USER, content="x" * (spec.context_window * spec.longest_token_bytes + 1))
+    with pytest.raises(InvalidArgument) as raised:
+        plan_generation(request(messages=[huge]), registry)
+    assert raised.value.code == "context_length_exceeded" and "characters long" in raised.value.message
