@@ -50,6 +50,8 @@ class EdgeConfig:
     #: kernel send buffer of a streaming connection: bounds memory per slow reader, and makes
     #: backpressure reach the relay (which then merges deltas) instead of hiding in 4 MB buffers
     stream_send_buffer_bytes: int = setting(64 * 1024, "CLOUDACH_EDGE_STREAM_SNDBUF_BYTES")
+    #: a streaming client that reads nothing for this long (its buffers full) is disconnected
+    stream_write_timeout_s: float = setting(30.0, "CLOUDACH_EDGE_WRITE_TIMEOUT_S")
     #: seconds in-flight requests get to finish after SIGTERM
     shutdown_grace_s: float = setting(30.0, "CLOUDACH_EDGE_SHUTDOWN_GRACE_S")
 

@@ -369,13 +369,45 @@ async def _accepted(call: grpc.aio.UnaryStreamCall) -> int:
     return first.accepted.prompt_tokens
 
 
-async def _keepalives(response: web.StreamResponse, every_s: float) -> None:
+class _Sink:
+    """A stream's writes, each bounded in time: a client that reads nothing for timeout_s (its
+    socket's buffers full) is cut off and counted as gone, instead of holding its slot forever."""
+
+    __slots__ = ("_response", "_transport", "_timeout_s")
+
+    #: a write this large may wait for the client even when nothing is buffered yet
+    LARGE = 16 * 1024
+
+    def __init__(self, response: web.StreamResponse, transport, timeout_s: float) -> None:
+        self._response, self._transport, self._timeout_s = response, transport, timeout_s
+
+    async def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or (transport.get_write_buffer_size() == 0 and len(data) < self.LARGE):
+            await self._response.write(data)  # room in the buffers: this cannot wait for the client
+            return
+        await self._bounded(self._response.write(data))
+
+    async def end(self) -> None:
+        await self._bounded(self._response.write_eof())
+
+    async def _bounded(self, writing) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await writing
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            raise ConnectionResetError(f"the client read nothing for {self._timeout_s:g}s") from None
+
+
+async def _keepalives(response: web.StreamResponse | _Sink, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         await response.write(KEEPALIVE)
 
 
-async def _first_message(response: web.StreamResponse, call, keepalive_s: float):
+async def _first_message(response: web.StreamResponse | _Sink, call, keepalive_s: float):
     """The first event, with keep-alive comments while a long prompt is prefilled.
 
     Only the handler's task reads the call; the helper task only writes comments, and is
@@ -400,12 +432,12 @@ class _Pending:
         self.logprobs: list[pb.TokenLogProb] = []
 
 
-async def _relay(request: web.Request, response: web.StreamResponse, call, job: Job, encoder, tally: Tally) -> pb.Finished:
+async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tally: Tally) -> pb.Finished:
     """Streams deltas as content chunks, merging each choice's while the client's socket is backed
     up; writes each choice's finish chunk as it ends (the last one's with the Finished usage)."""
     transport = request.transport
     state = request.app[STATE]
-    message = await _first_message(response, call, state.config.keepalive_s)
+    message = await _first_message(sink, call, state.config.keepalive_s)
     itl = state.metrics.itl.labels(encoder.model)
     last = time.monotonic()
     pending: dict[int, _Pending] = {}
@@ -416,7 +448,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, job: 
     async def flush(index: int) -> None:
         held = pending.pop(index, None)
         if held is not None:
-            await response.write(encoder.content("".join(held.parts), index, held.logprobs if with_logprobs else None))
+            await sink.write(encoder.content("".join(held.parts), index, held.logprobs if with_logprobs else None))
 
     while message is not grpc.aio.EOF:
         if message.HasField("delta"):
@@ -430,12 +462,12 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, job: 
             tally.completion_tokens += delta.token_count
             if delta.HasField("tool_call"):
                 await flush(delta.index)
-                await response.write(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
+                await sink.write(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
                 message = await call.read()
                 continue
             backed_up = transport is not None and transport.get_write_buffer_size() > 0
             if not backed_up and delta.index not in pending:
-                await response.write(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None))
+                await sink.write(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None))
             else:
                 held = pending.setdefault(delta.index, _Pending())
                 held.parts.append(delta.text)
@@ -449,7 +481,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, job: 
             open_choices -= 1
             reason = FINISH_REASONS.get(ended.finish_reason, "stop")
             if open_choices:
-                await response.write(encoder.finish(reason, None, ended.index))
+                await sink.write(encoder.finish(reason, None, ended.index))
             else:
                 last_reason, last_index = reason, ended.index  # written with the usage, next
         elif message.HasField("finished"):
@@ -457,7 +489,7 @@ async def _relay(request: web.Request, response: web.StreamResponse, call, job: 
                 await flush(index)
             finished = message.finished
             usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
-            await response.write(encoder.finish(last_reason, usage, last_index))
+            await sink.write(encoder.finish(last_reason, usage, last_index))
             # Finished is the last event: reading on to the end of the stream completes the call
             # (and the tracing interceptor's client span, which ends when the stream does).
             await call.read()
@@ -473,29 +505,30 @@ async def _stream(request: web.Request, call, job: Job, tally: Tally) -> web.Str
     active.inc()
     _bound_send_buffer(request, request.app[STATE].config.stream_send_buffer_bytes)
     encoder = job.format.encoder(job)
+    sink = _Sink(response, request.transport, request.app[STATE].config.stream_write_timeout_s)
     try:
         opening = job.format.opening(job, encoder)
         if opening:
-            await response.write(opening)
-        finished = await _relay(request, response, call, job, encoder, tally)
+            await sink.write(opening)
+        finished = await _relay(request, sink, call, job, encoder, tally)
         tally.completion_tokens = finished.usage.completion_tokens
         tally.outcome = billing_pb2.OUTCOME_COMPLETED
         tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")
         if job.include_usage:
-            await response.write(encoder.usage(usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)))
-        await response.write(DONE)
+            await sink.write(encoder.usage(usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)))
+        await sink.write(DONE)
     except (grpc.aio.AioRpcError, Unavailable) as failure:
         # After the 200 the error travels in-band; the SDKs raise it during iteration.
         domain = error_from_rpc(failure) if isinstance(failure, grpc.aio.AioRpcError) else failure
         log.warning("stream %s failed mid-way: %s", job.id, domain.message)
-        await response.write(error_event(from_domain(domain, job.max_tokens_name).envelope()))
+        await sink.write(error_event(from_domain(domain, job.max_tokens_name).envelope()))
     except ConnectionResetError:
         log.info("client went away during stream %s", job.id)
         tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
         return response
     finally:
         active.dec()
-    await response.write_eof()
+    await sink.end()
     return response
 
 

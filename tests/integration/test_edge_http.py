@@ -317,3 +317,28 @@ async def test_keepalive_pings_on_a_quiet_stream_do_not_get_it_dropped(registry,
     async with edge_over_fake(engine, registry, auth, grpc_keepalive_s=0.2) as url:
         status, _, raw = await post(url, {**CHAT, "stream": True})
     assert status == 200 and events(raw)[-1] == b"data: [DONE]", raw[-300:]
+
+
+async def test_a_client_that_stops_reading_is_cut_off(registry, auth):
+    table = registry.get(MODEL).tokenizer.token_bytes
+    longest = max((i for i in range(len(table)) if table[i].isascii()), key=lambda i: len(table[i]))
+    engine = FakeEngine(steps=[[longest]] * 2000)  # 4 choices of 2,000 × 32 bytes: more than every buffer holds
+    async with edge_over_fake(engine, registry, auth, stream_write_timeout_s=1.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({**CHAT, "stream": True, "max_tokens": 2000, "n": 4}).encode()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host, int(port)))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Type: application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
+                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await asyncio.sleep(3)  # reading nothing for longer than the write timeout
+            s.setblocking(False)
+            loop = asyncio.get_running_loop()
+            data = b""
+            try:
+                while chunk := await loop.sock_recv(s, 65536):
+                    data += chunk
+            except ConnectionResetError:
+                pass
+    assert data.startswith(b"HTTP/1.1 200") and b"[DONE]" not in data  # cut off, not waited for
