@@ -1,21 +1,18 @@
-"""API keys: `ck-` and 43 random URL-safe characters; only their SHA-256 is ever stored."""
+"""API keys (their format: cloudach.apikeys); only their SHA-256 is ever stored."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 
-PREFIX = "ck-"
+from cloudach.apikeys import checksum_verdict, new_api_key
+
+__all__ = ["display_prefix", "key_hash", "looks_like_a_key", "new_api_key"]
 _SHAPE = re.compile(r"^ck-[A-Za-z0-9_-]{40,200}$")
 
 
-def new_api_key() -> str:
-    return PREFIX + secrets.token_urlsafe(32)
-
-
 def looks_like_a_key(text: str) -> bool:
-    return bool(_SHAPE.match(text))
+    return bool(_SHAPE.match(text)) and checksum_verdict(text) is not False
 
 
 def key_hash(api_key: str) -> str:

@@ -39,7 +39,8 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         inference, auth, billing = opened
         state.inference = InferenceServiceStub(inference)
         state.inference_health = HealthStub(inference)
-        state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s, counter=state.metrics.auth_cache)
+        state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s, counter=state.metrics.auth_cache,
+                                   unknown_lookups_per_minute=config.unknown_key_lookups_per_minute)
         state.billing = BillingServiceStub(billing)
         if config.redis_url:
             client = redis.Redis.from_url(config.redis_url)

@@ -4,6 +4,11 @@ Answers are cached for a short TTL, keyed by the key's SHA-256, so auth_svc is o
 critical path of most requests: a revoked key stops working within the TTL, and while
 auth_svc is down cached keys keep working until their TTL and unknown ones get 503. The
 key itself is never stored, logged or echoed.
+
+Unknown keys cost auth_svc a lookup each, so they are bounded: a key of the checksummed format
+whose checksum is wrong (a random or mistyped key) is refused here without one, and each client
+address may cause only `unknown_lookups_per_minute` lookups that find no key; past that its
+uncached keys get 429 until its budget refills.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from cloudach.apikeys import checksum_verdict
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.errors import Unauthenticated
 from cloudach.rpc.errors import error_from_rpc
-from edge.errors import ApiError, unavailable
+from edge.errors import ApiError, retry_headers, unavailable
 
 _MISSING = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -73,10 +79,47 @@ def _principal(reply: pb.AuthenticateResponse) -> Principal:
     )
 
 
+class LookupBudget:
+    """Per client address, a bucket of lookups that found no key: `per_minute` of them, refilled
+    continuously. Bounded: the least recently seen addresses are forgotten past max_clients."""
+
+    def __init__(self, per_minute: int, max_clients: int = 100_000) -> None:
+        self._per_s = per_minute / 60.0
+        self._capacity = float(per_minute)
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client: (level, at)
+
+    def _level(self, client: str, now: float) -> float:
+        level, at = self._buckets.get(client, (self._capacity, now))
+        return min(self._capacity, level + (now - at) * self._per_s)
+
+    def take(self, client: str) -> float:
+        """Takes one lookup from the client's budget: 0 when it had one, else how long until it will
+        (nothing taken). Taken before the lookup, so concurrent requests cannot overdraw it."""
+        now = time.monotonic()
+        level = self._level(client, now)
+        if level < 1:
+            return (1 - level) / self._per_s
+        self._set(client, level - 1, now)
+        return 0.0
+
+    def give_back(self, client: str) -> None:
+        """The lookup found a key: it costs the client nothing."""
+        now = time.monotonic()
+        self._set(client, min(self._capacity, self._level(client, now) + 1), now)
+
+    def _set(self, client: str, level: float, now: float) -> None:
+        self._buckets[client] = (level, now)
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+
+
 class Authenticator:
     def __init__(self, stub: AuthServiceStub, ttl_s: float, max_entries: int = 100_000, timeout_s: float = 2.0,
-                 counter=None) -> None:
+                 counter=None, unknown_lookups_per_minute: int = 60) -> None:
         self._stub = stub
+        self._budget = LookupBudget(unknown_lookups_per_minute)
         #: a Prometheus counter labelled by result ("hit", "miss"), when given
         self._counter = counter
         self._ttl_s = ttl_s
@@ -85,28 +128,41 @@ class Authenticator:
         #: digest -> (expires at, principal or None for a refused key)
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None, client: str = "") -> Principal:
+        """The caller of a request from address client (its budget of unknown-key lookups)."""
         key = bearer_key(authorization)
+        if checksum_verdict(key) is False:
+            self._count("rejected_locally")
+            raise ApiError(401, _INCORRECT, code="invalid_api_key")
         digest = hashlib.sha256(key.encode()).hexdigest()
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
-            if self._counter is not None:
-                self._counter.labels("hit").inc()
+            self._count("hit")
             return self._answer(cached[1])
-        if self._counter is not None:
-            self._counter.labels("miss").inc()
+        wait_s = self._budget.take(client)
+        if wait_s:
+            self._count("lookup_budget_spent")
+            raise ApiError(429, "Too many requests with unknown API keys from your address. Retry shortly.",
+                           type="requests", code="rate_limit_exceeded", headers=retry_headers(wait_s))
+        self._count("miss")
         try:
             reply = await self._stub.Authenticate(pb.AuthenticateRequest(api_key=key), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as failure:
             if isinstance(error_from_rpc(failure), Unauthenticated):
                 self._remember(digest, now + self._ttl_s, None)
                 raise ApiError(401, _INCORRECT, code="invalid_api_key") from None
+            self._budget.give_back(client)  # not the client's doing
             raise unavailable("Authentication is temporarily unavailable. Please retry shortly.") from None
+        self._budget.give_back(client)
         token_left = reply.token_expires_at.seconds - time.time() - TOKEN_MARGIN_S
         principal = _principal(reply)
         self._remember(digest, now + max(0.0, min(self._ttl_s, token_left)), principal)
         return principal
+
+    def _count(self, result: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(result).inc()
 
     def _remember(self, digest: str, expires: float, principal: Principal | None) -> None:
         self._cache[digest] = (expires, principal)

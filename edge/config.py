@@ -23,6 +23,8 @@ class EdgeConfig:
     auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: how long an answer of auth_svc about a key is reused (a revoked key works at most this long)
     auth_cache_ttl_s: float = setting(10.0, "CLOUDACH_EDGE_AUTH_CACHE_TTL_S")
+    #: lookups of keys auth_svc does not know that one client address may cause per minute
+    unknown_key_lookups_per_minute: int = setting(60, "CLOUDACH_EDGE_UNKNOWN_KEY_LOOKUPS_PER_MIN")
     #: billing_svc's gRPC address
     billing_target: str = setting(d.address(d.BILLING_PORT), "CLOUDACH_BILLING_TARGET")
     #: the durable outbox of usage records waiting for billing_svc (SQLite)

@@ -27,8 +27,9 @@ class EdgeMetrics:
         self.outbox_set_aside = Counter("cloudach_edge_billing_outbox_set_aside_total",
                                         "Usage records set aside: unreadable, or refused by billing_svc (alert on it)",
                                         registry=r)
-        self.auth_cache = Counter("cloudach_edge_auth_cache_total", "Key checks answered from the cache or by auth_svc",
-                                  ["result"], registry=r)
+        self.auth_cache = Counter("cloudach_edge_auth_cache_total",
+                                  "Key checks: from the cache (hit), by auth_svc (miss), refused without a lookup "
+                                  "(rejected_locally: a bad checksum; lookup_budget_spent)", ["result"], registry=r)
 
 
 METRICS = web.AppKey("metrics", EdgeMetrics)

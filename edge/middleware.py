@@ -60,7 +60,8 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     if request.path.startswith("/v1/"):
-        request[PRINCIPAL] = await request.app[STATE].auth.authenticate(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await request.app[STATE].auth.authenticate(request.headers.get("Authorization"),
+                                                                        request.remote or "")
     return await handler(request)
 
 

@@ -156,7 +156,7 @@ async def test_records_in_the_outbox_survive_a_sigkilled_edge(registry, auth, tm
         env = {**os.environ, "CLOUDACH_PORT": str(edge_port), "CLOUDACH_INFERENCE_TARGET": inf.address,
                "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_BILLING_TARGET": f"127.0.0.1:{billing_port}",
                "CLOUDACH_EDGE_OUTBOX_PATH": str(outbox_path), "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(service_key_file()),
-               "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S": "0.5"}
+               "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S": "0.5", "CLOUDACH_EDGE_METRICS_PORT": "0"}
 
         def start_edge() -> subprocess.Popen:
             log = open(tmp_path / "edge.log", "ab")

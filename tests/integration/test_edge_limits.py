@@ -208,7 +208,7 @@ async def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(registry
         processes = []
         for port in ports:
             env = {**os.environ, "CLOUDACH_PORT": str(port), "CLOUDACH_INFERENCE_TARGET": inf.address,
-                   "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_REDIS_URL": REDIS}
+                   "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_REDIS_URL": REDIS, "CLOUDACH_EDGE_METRICS_PORT": "0"}
             log = open(tmp_path / f"edge-{port}.log", "wb")
             processes.append(subprocess.Popen([sys.executable, "-m", "edge"], env=env, stdout=log, stderr=subprocess.STDOUT))
         try:
@@ -224,3 +224,36 @@ async def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(registry
                 process.wait(10)
     codes = [s for s, _, _ in statuses]
     assert codes.count(200) == 5 and codes.count(429) == 15, codes
+
+
+async def test_a_flood_of_unknown_keys_barely_reaches_auth_svc_and_valid_traffic_flows(registry, auth):
+    import secrets
+
+    from tests.integration.test_observability import samples
+
+    async def authenticate_calls(session) -> float:
+        async with session.get(f"http://127.0.0.1:{auth.grpc.metrics_port}/metrics") as r:
+            metrics = samples(await r.text())
+        return sum(v for (name, labels), v in metrics.items()
+                   if name == "cloudach_auth_rpc_requests_total" and ("method", "Authenticate") in labels)
+
+    async with edge_over_fake(engine(registry), registry, auth, unknown_key_lookups_per_minute=10) as url:
+        async with aiohttp.ClientSession() as session:
+            async def ask(key: str) -> int:
+                async with session.post(f"{url}/v1/chat/completions", json=CHAT,
+                                        headers={"Authorization": f"Bearer {key}"}) as r:
+                    await r.read()
+                    return r.status
+
+            assert await ask(API_KEY) == 200  # cached from here on
+            before = await authenticate_calls(session)
+            mistyped = ["ck-" + secrets.token_urlsafe(40)[:49] for _ in range(100)]  # the checksummed shape
+            random_old = ["ck-" + secrets.token_urlsafe(32) for _ in range(100)]   # the older shape
+            statuses = await asyncio.gather(*(ask(k) for k in mistyped + random_old),
+                                            *(ask(API_KEY) for _ in range(20)))
+            after = await authenticate_calls(session)
+    bad, valid = statuses[:200], statuses[200:]
+    assert valid == [200] * 20
+    assert set(bad[:100]) == {401}  # refused by their checksum, with no lookup
+    assert set(bad[100:]) == {401, 429} and bad[100:].count(401) <= 11
+    assert after - before <= 11  # the address's budget of unknown-key lookups, not 200

@@ -11,12 +11,12 @@ logs/; Ctrl-C or SIGTERM stops everything, in reverse order, leaving no process 
 from __future__ import annotations
 
 import pathlib
-import secrets
 import signal
 import sys
 from collections.abc import Mapping
 
 from cloudach import defaults as d
+from cloudach.apikeys import new_api_key
 from tools.launcher.ports import free_ports, port_taken
 from tools.launcher.process import spawn
 from tools.launcher.supervisor import Child, StartError, Supervisor
@@ -38,7 +38,7 @@ def dev_api_key(state_dir: pathlib.Path) -> pathlib.Path:
     path = state_dir / "dev-api-key"
     if not path.exists():
         path.touch(mode=0o600)
-        path.write_text("ck-" + secrets.token_urlsafe(32) + "\n")
+        path.write_text(new_api_key() + "\n")
     path.chmod(0o600)
     return path
 
