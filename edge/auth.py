@@ -84,7 +84,8 @@ class LookupBudget:
     continuously. Bounded: the least recently seen addresses are forgotten past max_clients."""
 
     def __init__(self, per_minute: int, max_clients: int = 100_000) -> None:
-        self._per_s = per_minute / 60.0
+        self._unbounded = per_minute <= 0  # 0: no budget, as for the other limits
+        self._per_s = max(per_minute, 1) / 60.0
         self._capacity = float(per_minute)
         self._max_clients = max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client: (level, at)
@@ -96,6 +97,8 @@ class LookupBudget:
     def take(self, client: str) -> float:
         """Takes one lookup from the client's budget: 0 when it had one, else how long until it will
         (nothing taken). Taken before the lookup, so concurrent requests cannot overdraw it."""
+        if self._unbounded:
+            return 0.0
         now = time.monotonic()
         level = self._level(client, now)
         if level < 1:
@@ -105,6 +108,8 @@ class LookupBudget:
 
     def give_back(self, client: str) -> None:
         """The lookup found a key: it costs the client nothing."""
+        if self._unbounded:
+            return
         now = time.monotonic()
         self._set(client, min(self._capacity, self._level(client, now) + 1), now)
 

@@ -7,7 +7,8 @@ record delivered twice (the edge died between delivery and deletion) is still co
 While billing_svc is unreachable, records wait with exponential backoff, across restarts. The
 deliverer never stops for an error: whatever fails (the outbox's database, a token, a call) is
 logged and retried after a backoff; a record that cannot be read, or that billing_svc keeps
-failing on, is set aside (kept, counted, logged) after MAX_ATTEMPTS, and the rest flow on.
+failing on while it takes the others, is set aside (kept, counted, logged) after MAX_ATTEMPTS, and
+the rest flow on. An outage of billing_svc (it fails on every record) sets nothing aside.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.db import Database
-from cloudach.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from cloudach.errors import (DeadlineExceeded, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated,
+                             Unavailable)
 from cloudach.rpc.errors import error_from_rpc
 
 log = logging.getLogger(__name__)
@@ -126,13 +128,21 @@ class ServiceToken:
             self._renew_at = reply.token_expires_at.seconds - 60
         return (("authorization", f"Bearer {self._token}"),)
 
+    def renew(self) -> None:
+        """billing_svc refused the token (a key rotation, clocks apart): get a new one next time."""
+        self._renew_at = 0.0
 
-async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, metadata: tuple[tuple[str, str], ...],
+
+async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, identity: ServiceToken,
                    records: list[tuple[int, pb.UsageRecord, str]], on_set_aside=None) -> None:
-    """Delivers records in order, deleting each once billing_svc has it. One it refuses as
-    invalid, or fails on MAX_ATTEMPTS times, is set aside; one it fails on fewer times waits for
-    the next round while the others go on. billing_svc unreachable propagates: every record waits."""
-    retry = 0
+    """Delivers records in order, deleting each once billing_svc has it. One it refuses as invalid
+    is set aside. One it fails on is retried next round while the others go on, and counts a try
+    only in a round where others got through (so it is the record, not billing_svc, that fails):
+    after MAX_ATTEMPTS such tries it is set aside. billing_svc away, or refusing our token,
+    propagates: every record waits, none is charged a try."""
+    metadata = await identity.metadata()
+    failed: list[tuple[int, pb.UsageRecord, str]] = []
+    delivered = 0
     for row_id, record, traceparent in records:
         parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
         try:
@@ -141,19 +151,32 @@ async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, metadata: t
                 await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
         except grpc.aio.AioRpcError as error:
             failure = error_from_rpc(error)
-            if isinstance(failure, (Unavailable, DeadlineExceeded)):
-                raise  # billing_svc is away: every record waits
-            if not isinstance(failure, InvalidArgument) and await outbox.failed(row_id) < MAX_ATTEMPTS:
-                retry += 1
-                continue
-            log.error("USAGE RECORD SET ASIDE: billing_svc refused %s: %s", record.request_id, failure.message)
-            await outbox.set_aside(row_id)
-            if on_set_aside is not None:
-                on_set_aside()
+            if isinstance(failure, (Unauthenticated, PermissionDenied)):
+                identity.renew()
+                raise
+            if isinstance(failure, (Unavailable, DeadlineExceeded, ResourceExhausted)):
+                raise  # billing_svc is away or busy: every record waits
+            if isinstance(failure, InvalidArgument):
+                await _set_aside(outbox, row_id, record, failure.message, on_set_aside)
+            else:
+                failed.append((row_id, record, failure.message))
             continue
         await outbox.delivered(row_id)
-    if retry:
-        raise RuntimeError(f"billing_svc failed on {retry} usage record(s); they are retried")
+        delivered += 1
+    if not failed:
+        return
+    if delivered:  # others got through: these records are what fails
+        for row_id, record, reason in failed:
+            if await outbox.failed(row_id) >= MAX_ATTEMPTS:
+                await _set_aside(outbox, row_id, record, reason, on_set_aside)
+    raise RuntimeError(f"billing_svc failed on {len(failed)} usage record(s): {failed[0][2]}; they are retried")
+
+
+async def _set_aside(outbox: UsageOutbox, row_id: int, record: pb.UsageRecord, reason: str, on_set_aside) -> None:
+    log.error("USAGE RECORD SET ASIDE: billing_svc refused %s: %s", record.request_id, reason)
+    await outbox.set_aside(row_id)
+    if on_set_aside is not None:
+        on_set_aside()
 
 
 async def watch_depth(outbox: UsageOutbox, gauge, every_s: float = 5.0) -> None:
@@ -195,7 +218,7 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
                 pass
             continue
         try:
-            await _deliver(outbox, billing, await identity.metadata(), records, counted)
+            await _deliver(outbox, billing, identity, records, counted)
             backoff = 0.2
         except Exception as error:  # noqa: BLE001 - supervised: whatever failed, back off and retry
             reason = error_from_rpc(error).message if isinstance(error, grpc.aio.AioRpcError) else repr(error)

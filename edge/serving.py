@@ -503,10 +503,10 @@ async def _stream(request: web.Request, call, job: Job, tally: Tally) -> web.Str
     await response.prepare(request)
     active = request.app[STATE].metrics.active_streams
     active.inc()
-    _bound_send_buffer(request, request.app[STATE].config.stream_send_buffer_bytes)
     encoder = job.format.encoder(job)
     sink = _Sink(response, request.transport, request.app[STATE].config.stream_write_timeout_s)
     try:
+        _bound_send_buffer(request, request.app[STATE].config.stream_send_buffer_bytes)
         opening = job.format.opening(job, encoder)
         if opening:
             await sink.write(opening)
@@ -521,14 +521,16 @@ async def _stream(request: web.Request, call, job: Job, tally: Tally) -> web.Str
         # After the 200 the error travels in-band; the SDKs raise it during iteration.
         domain = error_from_rpc(failure) if isinstance(failure, grpc.aio.AioRpcError) else failure
         log.warning("stream %s failed mid-way: %s", job.id, domain.message)
-        await sink.write(error_event(from_domain(domain, job.max_tokens_name).envelope()))
+        with contextlib.suppress(ConnectionResetError):  # a client already gone needs no error event
+            await sink.write(error_event(from_domain(domain, job.max_tokens_name).envelope()))
     except ConnectionResetError:
         log.info("client went away during stream %s", job.id)
         tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
         return response
     finally:
         active.dec()
-    await sink.end()
+    with contextlib.suppress(ConnectionResetError):
+        await sink.end()
     return response
 
 

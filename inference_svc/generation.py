@@ -307,6 +307,8 @@ class _Choice:
                 deltas += self._calls.flush()
             self._carried += released
             released = []
+            if not deltas and last and self._carried:
+                deltas = [pb.TokenDelta()]  # the last log probs, whose text the parser kept
             if not deltas:
                 return []
             released, self._carried = self._carried, []

@@ -183,6 +183,8 @@ def _call_schema(name: str, parameters: dict, tool_format: str) -> dict:
             "required": ["name", FORMATS[tool_format].arguments_key], "additionalProperties": False}
 
 
+#: what may follow a call's arguments before its closer (keys the model added, whitespace)
+MAX_TAIL_CHARS = 256
 _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
@@ -238,6 +240,8 @@ class CallParser:
             if self._state == "text":  # a bare-JSON format's answer that is no call
                 out.append(pb.TokenDelta(text=text))
                 return
+            if self._state == "done":  # the one call parallel_tool_calls=false allows has been made
+                return
             if self._state == "content":
                 text = self._content(text, out)
             elif self._state == "head":
@@ -291,16 +295,22 @@ class CallParser:
                 self._state = "content"
                 return rest.lstrip("\n")
             return ""  # otherwise read whole at the end (flush)
+        try:
+            name = json.loads(f'"{match.group(1)}"')
+        except ValueError:  # an escape JSON does not have: read the call whole at its end
+            return ""
         rest = self._buffer[match.end():]
         self._buffer = ""
-        self._start(json.loads(f'"{match.group(1)}"'), out)
+        self._start(name, out)
         self._state = "arguments"
         self._depth = 0
         return rest
 
     def _arguments(self, text: str, out: list[pb.TokenDelta]) -> str:
-        if self._depth == 0:
-            text = text.lstrip()  # the arguments begin at their brace
+        """The arguments' JSON value as it streams: an object (a string or number too, as models
+        unguided sometimes write), ending where the value does."""
+        if self._depth == 0 and not self._in_string:
+            text = text.lstrip()  # the value begins at its first character
             if not text:
                 return ""
         for i, c in enumerate(text):
@@ -311,40 +321,52 @@ class CallParser:
                     self._escaped = True
                 elif c == '"':
                     self._in_string = False
+                    if self._depth == 0:  # a string value, whole
+                        return self._end_arguments(text, i + 1, out)
             elif c == '"':
                 self._in_string = True
             elif c in "{[":
                 self._depth += 1
             elif c in "}]":
+                if self._depth == 0:  # a bare value, ended by the call's own brace
+                    return self._end_arguments(text, i, out)
                 self._depth -= 1
                 if self._depth == 0:
-                    out.append(self._fragment(text[:i + 1]))
-                    self._state = "tail"
-                    return text[i + 1:]
+                    return self._end_arguments(text, i + 1, out)
+            elif c == "," and self._depth == 0:
+                return self._end_arguments(text, i, out)
         out.append(self._fragment(text))
         return ""
 
+    def _end_arguments(self, text: str, end: int, out: list[pb.TokenDelta]) -> str:
+        if text[:end].strip():
+            out.append(self._fragment(text[:end].rstrip()))
+        self._state = "tail"
+        return text[end:]
+
     def _tail(self, text: str) -> str:
-        """Skips the call's closing brace (and closer); the rest is content again."""
+        """After a call's arguments: the rest of the call (its closing brace, keys the model added,
+        the closer) is skipped; what follows is content again (with parallel calls off, nothing is)."""
         self._buffer += text
-        closer = "}" + (f"\n{self._format.closer}" if self._format.closer else "")
-        stripped = re.sub(r"\s+", "", self._buffer)
-        target = re.sub(r"\s+", "", closer)
-        if stripped.startswith(target):
-            # Drop up to the end of the closer in the buffer.
-            end, seen = 0, 0
-            while seen < len(target) and end < len(self._buffer):
-                if not self._buffer[end].isspace():
-                    seen += 1
-                end += 1
-            rest = self._buffer[end:]
-            self._buffer = ""
-            self._state = "content"
-            return rest.lstrip("\n") if rest.strip() else ""
-        if len(stripped) >= len(target) or not target.startswith(stripped):
-            self._buffer = ""
-            self._state = "content"  # not the expected ending: keep what follows as text
-        return ""
+        closer = self._format.closer
+        if closer:
+            at = self._buffer.find(closer)
+            if at < 0:
+                if len(self._buffer) <= MAX_TAIL_CHARS:
+                    return ""
+                rest, self._buffer = self._buffer, ""  # no closer after all: what followed is text
+                return self._after_call(rest)
+            rest, self._buffer = self._buffer[at + len(closer):], ""
+            return self._after_call(rest.lstrip("\n"))
+        stripped = self._buffer.lstrip()
+        if not stripped:
+            return ""
+        self._buffer = ""
+        return self._after_call(stripped[1:] if stripped[0] == "}" else stripped)
+
+    def _after_call(self, rest: str) -> str:
+        self._state = "content" if self._parallel else "done"
+        return rest if self._parallel else ""
 
     def _start(self, name: str, out: list[pb.TokenDelta]) -> None:
         out.append(pb.TokenDelta(tool_call=pb.ToolCallDelta(index=self.calls, id=call_id(), name=name)))

@@ -6,6 +6,7 @@ inference_svc is real (gRPC on loopback); its engine is the fake one, so streams
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 
@@ -123,18 +124,25 @@ async def test_a_failure_mid_stream_becomes_one_error_event_and_the_stream_ends(
     assert set(error) == {"message", "type", "param", "code"}
 
 
+@contextlib.contextmanager
+def small_reader(url: str, body: dict):
+    """A socket with a 4 KiB receive buffer that has sent a streaming request and read nothing yet."""
+    host, port = url.removeprefix("http://").split(":")
+    raw = json.dumps(body).encode()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
+                  b"\r\nContent-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+        yield s
+
+
 async def test_a_slow_reader_gets_merged_events_and_the_whole_text(registry, auth):
     word = registry.get(MODEL).tokenizer.encode(" lighthouse")
     engine = FakeEngine(steps=[word] * 6000)
     async with edge_over_fake(engine, registry, auth) as url:
-        host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({**CHAT, "stream": True, "max_tokens": 2000}).encode()
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect((host, int(port)))
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      b"Content-Type: application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
-                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        with small_reader(url, {**CHAT, "stream": True, "max_tokens": 2000}) as s:
             await asyncio.sleep(1.5)  # a reader that falls behind while the model streams on
             s.setblocking(False)
             loop = asyncio.get_running_loop()
@@ -324,14 +332,7 @@ async def test_a_client_that_stops_reading_is_cut_off(registry, auth):
     longest = max((i for i in range(len(table)) if table[i].isascii()), key=lambda i: len(table[i]))
     engine = FakeEngine(steps=[[longest]] * 2000)  # 4 choices of 2,000 × 32 bytes: more than every buffer holds
     async with edge_over_fake(engine, registry, auth, stream_write_timeout_s=1.0) as url:
-        host, port = url.removeprefix("http://").split(":")
-        body = json.dumps({**CHAT, "stream": True, "max_tokens": 2000, "n": 4}).encode()
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect((host, int(port)))
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                      b"Content-Type: application/json\r\nAuthorization: Bearer " + API_KEY.encode() +
-                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        with small_reader(url, {**CHAT, "stream": True, "max_tokens": 2000, "n": 4}) as s:
             await asyncio.sleep(3)  # reading nothing for longer than the write timeout
             s.setblocking(False)
             loop = asyncio.get_running_loop()

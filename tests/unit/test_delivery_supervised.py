@@ -17,6 +17,9 @@ class Identity:
     async def metadata(self):
         return (("authorization", "Bearer t"),)
 
+    def renew(self) -> None:
+        pass
+
 
 class RpcError(grpc.aio.AioRpcError):
     def __init__(self, code: grpc.StatusCode) -> None:
@@ -68,12 +71,41 @@ async def test_errors_poison_and_corrupt_rows_do_not_stop_delivery(tmp_path):
                                                     set_aside_counter=set_aside))
     try:
         await until(lambda: billing.recorded == ["a", "b"])
-        await until(lambda: set_aside._value.get() == 2)  # the poison record after its tries, the corrupt row
+        n = 0
+        while set_aside._value.get() < 2:  # traffic goes on: the poison record fails while others get through
+            n += 1
+            await outbox.add(record(f"later-{n}"))
+            await asyncio.sleep(0.05)
+            assert n < 200, "the poison record was never set aside"
         assert not deliverer.done()
         with sqlite3.connect(path) as conn:
             kept = dict(conn.execute("SELECT request_id, attempts FROM outbox WHERE dead = 1").fetchall())
         assert set(kept) == {"poison", "junk"} and kept["poison"] == MAX_ATTEMPTS  # kept, never lost
         assert billing.tries_seen["b"] == 1  # delivered behind the poison record, not after its tries
+    finally:
+        deliverer.cancel()
+        await asyncio.gather(deliverer, return_exceptions=True)
+        await outbox.close()
+
+
+class Broken(Billing):
+    """billing_svc failing on everything (its database is down)."""
+
+    async def RecordUsage(self, request, metadata=None, timeout=None):
+        self.poison_tries += 1
+        raise RpcError(grpc.StatusCode.INTERNAL)
+
+
+async def test_an_outage_of_billing_sets_nothing_aside(tmp_path):
+    outbox = UsageOutbox(str(tmp_path / "outbox.db"))
+    await outbox.open()
+    for request_id in ("a", "b", "c"):
+        await outbox.add(record(request_id))
+    billing = Broken()
+    deliverer = asyncio.create_task(deliver_forever(outbox, billing, Identity(), asyncio.Event(), max_backoff_s=0.01))
+    try:
+        await until(lambda: billing.poison_tries > 3 * (MAX_ATTEMPTS + 5))  # far more rounds than tries allowed
+        assert len(await outbox.pending(10)) == 3  # all still waiting, none set aside
     finally:
         deliverer.cancel()
         await asyncio.gather(deliverer, return_exceptions=True)
