@@ -7,7 +7,6 @@ import contextlib
 import pathlib
 from collections.abc import AsyncIterator
 
-import redis.asyncio as redis
 from aiohttp import web
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
@@ -24,7 +23,8 @@ from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
 from edge.middleware import auth_middleware, common_headers, errors_middleware
 from edge.ratelimit import InProcessLimiter
-from edge.ratelimit_redis import RedisLimiter
+from edge.ratelimit_failover import FailoverLimiter
+from edge.ratelimit_redis import RedisLimiter, redis_client
 from edge.state import STATE, EdgeState
 from edge.tracing import record_status, tracing_middleware
 
@@ -43,9 +43,12 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
                                    unknown_lookups_per_minute=config.unknown_key_lookups_per_minute)
         state.billing = BillingServiceStub(billing)
         if config.redis_url:
-            client = redis.Redis.from_url(config.redis_url)
+            client = redis_client(config.redis_url, config.redis_timeout_s)
             stack.push_async_callback(client.aclose)
-            state.limiter = RedisLimiter(client, config.rate_window_s)
+            state.limiter = FailoverLimiter(RedisLimiter(client, config.rate_window_s),
+                                            InProcessLimiter(window_s=config.rate_window_s),
+                                            replicas=config.edge_replicas, open_s=config.redis_retry_s,
+                                            mode_gauge=state.metrics.limiter_mode)
         else:
             state.limiter = InProcessLimiter(window_s=config.rate_window_s)
         pathlib.Path(config.outbox_path).parent.mkdir(parents=True, exist_ok=True)

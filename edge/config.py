@@ -37,6 +37,12 @@ class EdgeConfig:
     outbox_depth_every_s: float = setting(5.0, "CLOUDACH_EDGE_OUTBOX_DEPTH_EVERY_S")
     #: Redis shared by the edge replicas for rate limits ("" keeps limits in this process)
     redis_url: str = setting("", "CLOUDACH_REDIS_URL")
+    #: how long one Redis call may take before the limiter counts Redis as down
+    redis_timeout_s: float = setting(0.25, "CLOUDACH_EDGE_REDIS_TIMEOUT_S")
+    #: while Redis is down: how long to limit locally before trying it again
+    redis_retry_s: float = setting(5.0, "CLOUDACH_EDGE_REDIS_RETRY_S")
+    #: edge replicas sharing the limits: with Redis down each enforces 1/replicas of every limit
+    edge_replicas: int = setting(1, "CLOUDACH_EDGE_REPLICAS")
     #: the window of "per minute" limits (shorter only in tests)
     rate_window_s: float = setting(60.0, "CLOUDACH_EDGE_RATE_WINDOW_S")
     #: completion tokens reserved against the token limit when a request sets no max_tokens

@@ -23,4 +23,6 @@ async def ready(request: web.Request) -> web.Response:
         return web.json_response({"status": "unavailable", "reason": error.code().name}, status=503)
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         return web.json_response({"status": "no model ready"}, status=503)
-    return web.json_response({"status": "ready"})
+    # Which limits are in force: shared by every replica (Redis) or this one's own (Redis down).
+    mode = getattr(request.app[STATE].limiter, "mode", "local")
+    return web.json_response({"status": "ready", "rate_limits": mode})

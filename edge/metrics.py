@@ -27,6 +27,8 @@ class EdgeMetrics:
         self.outbox_set_aside = Counter("cloudach_edge_billing_outbox_set_aside_total",
                                         "Usage records set aside: unreadable, or refused by billing_svc (alert on it)",
                                         registry=r)
+        self.limiter_mode = Gauge("cloudach_edge_rate_limiter_mode",
+                                  "1 for the mode in force: shared (Redis) or local (Redis down)", ["mode"], registry=r)
         self.auth_cache = Counter("cloudach_edge_auth_cache_total",
                                   "Key checks: from the cache (hit), by auth_svc (miss), refused without a lookup "
                                   "(rejected_locally: a bad checksum; lookup_budget_spent)", ["result"], registry=r)

@@ -43,7 +43,7 @@ class Decision:
 class Limiter(Protocol):
     async def admit(self, key_id: str, quota: Quota, request_id: str, tokens: int, lease_s: float) -> Decision: ...
 
-    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int) -> None: ...
+    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int, request_id: str = "") -> None: ...
 
     async def release(self, key_id: str, request_id: str) -> None: ...
 
@@ -159,7 +159,7 @@ class InProcessLimiter:
         verdict.tokens = self._state(tokens_bucket, tpm)
         return verdict
 
-    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int) -> None:
+    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int, request_id: str = "") -> None:
         if quota.tokens_per_minute and reserved != used:
             bucket = self._bucket(key_id, "tokens", quota.tokens_per_minute, self.clock())
             bucket.level = min(quota.tokens_per_minute, bucket.level + reserved - used)

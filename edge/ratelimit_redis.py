@@ -2,8 +2,8 @@
 
 Each check is one Lua script, so it is atomic across replicas and costs one round trip; the
 clock is Redis's own, so replicas' clocks do not matter. Buckets expire once full again, so
-idle keys cost nothing. If Redis cannot be reached the request is admitted (and logged):
-a limiter outage must not take the API down with it.
+idle keys cost nothing. If Redis cannot be reached, admit() raises LimiterUnavailable and the
+breaker in front of it (ratelimit_failover.py) limits locally; it never admits unlimited.
 """
 
 from __future__ import annotations
@@ -16,6 +16,20 @@ import redis.asyncio as redis
 from edge.ratelimit import WINDOW_S, Decision, Quota
 
 log = logging.getLogger(__name__)
+
+
+class LimiterUnavailable(Exception):
+    """Redis did not answer an admission in time."""
+
+
+def redis_client(url: str, timeout_s: float) -> redis.Redis:
+    """A client that fails within timeout_s and does not retry: an outage must cost a request
+    milliseconds, not the client's own retries and backoff (seconds)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
 
 # The rules of edge.ratelimit.judge, in Lua. KEYS: requests bucket, tokens bucket, leases.
 _ADMIT = """
@@ -101,8 +115,7 @@ class RedisLimiter:
                       request_id, int(lease_s * 1000), self._window_ms],
             )
         except redis.RedisError as error:
-            log.error("rate limiter unreachable, admitting key %s: %s", key_id, error)
-            return Decision(allowed=True)
+            raise LimiterUnavailable(str(error)) from error
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         as_str = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
         return Decision(
@@ -114,7 +127,7 @@ class RedisLimiter:
             tokens=self._state(as_str(tokens_level), quota.tokens_per_minute),
         )
 
-    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int) -> None:
+    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int, request_id: str = "") -> None:
         if not quota.tokens_per_minute or reserved == used:
             return
         try:

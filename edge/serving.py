@@ -236,7 +236,7 @@ async def _give_back(limiter: Limiter, asking: asyncio.Future, key_id: str, quot
                      reserved: int) -> None:
     decision = await asking
     if decision.allowed:
-        await limiter.settle(key_id, quota, reserved, 0)
+        await limiter.settle(key_id, quota, reserved, 0, request_id)
         await limiter.release(key_id, request_id)
 
 
@@ -300,7 +300,7 @@ async def _settle(request: web.Request, principal: Principal, job: Job, tally: T
         if tally.time_to_first_token_ns:
             state.metrics.ttft.labels(job.model).observe(tally.time_to_first_token_ns / 1e9)
         await _bill(request, principal, job, tally)
-    await limiter.settle(principal.key_id, quota, reserved, tally.prompt_tokens + tally.completion_tokens)
+    await limiter.settle(principal.key_id, quota, reserved, tally.prompt_tokens + tally.completion_tokens, job.id)
     await limiter.release(principal.key_id, job.id)
 
 

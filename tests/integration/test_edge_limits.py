@@ -4,9 +4,11 @@ never logged, and per-key rate limits in-process and in Redis (two edge processe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -257,3 +259,49 @@ async def test_a_flood_of_unknown_keys_barely_reaches_auth_svc_and_valid_traffic
     assert set(bad[:100]) == {401}  # refused by their checksum, with no lookup
     assert set(bad[100:]) == {401, 429} and bad[100:].count(401) <= 11
     assert after - before <= 11  # the address's budget of unknown-key lookups, not 200
+
+
+async def test_a_redis_outage_falls_back_to_local_limits_and_shared_ones_return(registry, auth, tmp_path):
+    """A Redis of the test's own, stopped mid-load: the limit holds (each of 2 replicas enforcing
+    half of it), requests stay fast, /ready says which limits are in force; restarted, shared again."""
+    import time
+
+    (port,) = free_ports(1)
+
+    def start_redis() -> subprocess.Popen:
+        process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                return process
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    key = await new_key(auth, requests_per_minute=6)
+    redis_server = start_redis()
+    try:
+        async with edge_over_fake(engine(registry), registry, auth, redis_url=f"redis://127.0.0.1:{port}/0",
+                                  edge_replicas=2, redis_retry_s=1.0, redis_timeout_s=0.2) as url:
+            async with aiohttp.ClientSession() as session:
+                async def ready() -> str:
+                    async with session.get(f"{url}/ready") as r:
+                        return (await r.json())["rate_limits"]
+
+                shared = [(await post(session, url, key))[0] for _ in range(2)]
+                assert shared == [200, 200] and await ready() == "shared"
+                redis_server.terminate()
+                redis_server.wait(10)
+                started = time.monotonic()
+                local = [(await post(session, url, key))[0] for _ in range(8)]
+                took = time.monotonic() - started
+                assert await ready() == "local"
+                # 6 a minute over 2 replicas: this one admits 3 on its own, never unlimited
+                assert local.count(200) == 3 and local.count(429) == 5, local
+                assert took < 5, f"8 requests took {took:.1f}s with Redis down"
+                redis_server = start_redis()
+                await asyncio.sleep(1.2)  # past redis_retry_s: Redis is tried again
+                again = (await post(session, url, key))[0]
+                assert again == 200 and await ready() == "shared"  # a fresh Redis: its buckets are full
+    finally:
+        redis_server.terminate()
+        redis_server.wait(10)
