@@ -77,7 +77,7 @@ async def cancel(stub, metadata) -> dict:
             if deltas == 5:
                 call.cancel()  # the model stops within a token or two
                 break
-    return {"step": "cancel", "deltas": deltas, "cancelled": call.cancelled()}
+    return {"step": "cancel", "deltas": deltas, "status": (await call.code()).name}
 
 
 async def refused(stub, metadata) -> dict:

@@ -186,7 +186,7 @@ def test_the_internal_grpc_example_streams_choices_cancels_and_reads_status_deta
     assert all("colour" in json.loads(text) for text in generate["texts"].values())  # guided to the schema
     assert all(lp < 0 for lp in generate["logprobs"].values())
     assert set(generate["finish_reasons"]) == {"0", "1"} and generate["usage"]["completion_tokens"] > 0
-    assert cancel == {"step": "cancel", "deltas": 5, "cancelled": True}
+    assert cancel == {"step": "cancel", "deltas": 5, "status": "CANCELLED"}
     assert (refused["code"], refused["field"], refused["reason"]) == ("INVALID_ARGUMENT", "n", "invalid_value")
 
 
