@@ -1,5 +1,7 @@
 """Short-lived internal tokens: auth_svc signs them (EdDSA), every other service verifies them
-locally against auth_svc's published keys (a JWKS), refetched when an unknown `kid` appears.
+locally against auth_svc's published keys (a JWKS), refetched when an unknown `kid` appears and
+whenever the copy is older than a maximum age (so a withdrawn key stops being trusted), with a
+small clock leeway (a host a few seconds behind still accepts fresh tokens).
 
 Only EdDSA is accepted: `alg: none`, HS256 signed with the public key and every other
 algorithm are refused before any key is used.
@@ -16,10 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from dataclasses import dataclass
+
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from cloudach.config import from_env, setting
 from cloudach.errors import Unauthenticated, Unavailable
 
 ALGORITHM = "EdDSA"
@@ -77,17 +82,37 @@ class TokenSigner:
         return {"keys": list(self._published)}
 
 
-class TokenVerifier:
-    """Verifies tokens with cached public keys; an unknown kid triggers one refetch (rate-limited)."""
+@dataclass(frozen=True)
+class VerifierSettings:
+    """How every service verifies internal tokens (the same variables for all)."""
 
-    def __init__(self, fetch_jwks: Callable[[], Awaitable[dict]], min_refetch_s: float = 5.0) -> None:
+    #: clocks this far apart still agree on a token's iat and exp
+    leeway_s: float = setting(30.0, "CLOUDACH_TOKEN_LEEWAY_S")
+    #: the signing keys are refetched once their copy is this old (a withdrawn key's last day)
+    jwks_max_age_s: float = setting(300.0, "CLOUDACH_JWKS_MAX_AGE_S")
+
+    @classmethod
+    def from_env(cls) -> VerifierSettings:
+        return from_env(cls)
+
+
+class TokenVerifier:
+    """Verifies tokens with cached public keys; an unknown kid, or a copy older than max_age_s,
+    triggers a refetch (rate-limited: at most one per min_refetch_s)."""
+
+    def __init__(self, fetch_jwks: Callable[[], Awaitable[dict]], min_refetch_s: float = 5.0,
+                 settings: VerifierSettings | None = None) -> None:
         self._fetch = fetch_jwks
         self._keys: dict[str, Any] = {}
-        self._fetched_at = float("-inf")
+        self._fetched_at = self._tried_at = float("-inf")
         self._min_refetch_s = min_refetch_s
+        self._settings = settings or VerifierSettings.from_env()
 
     async def _key(self, kid: str) -> Any:
-        if kid not in self._keys and time.monotonic() - self._fetched_at >= self._min_refetch_s:
+        now = time.monotonic()
+        stale = now - self._fetched_at >= self._settings.jwks_max_age_s
+        if (kid not in self._keys or stale) and now - self._tried_at >= self._min_refetch_s:
+            self._tried_at = now  # failed or not, the next try waits min_refetch_s
             try:
                 jwks = await self._fetch()
             except Exception as error:  # noqa: BLE001 - any failure to reach auth_svc
@@ -111,7 +136,7 @@ class TokenVerifier:
         key = await self._key(header["kid"])
         try:
             return jwt.decode(
-                token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
+                token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER, leeway=self._settings.leeway_s,
                 options={"require": ["exp", "iat", "iss", "aud", "sub"]},
             )
         except jwt.PyJWTError as error:

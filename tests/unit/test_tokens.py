@@ -1,0 +1,56 @@
+"""Internal tokens across clocks a little apart, and signing keys withdrawn while a service runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloudach import tokens
+from cloudach.errors import Unauthenticated
+from cloudach.tokens import TokenSigner, TokenVerifier, VerifierSettings
+
+
+def signed_at(signer: TokenSigner, offset_s: float, monkeypatch) -> str:
+    """A token signed by a host whose clock is offset_s ahead of ours."""
+    real = time.time
+    monkeypatch.setattr(tokens.time, "time", lambda: real() + offset_s)
+    token = signer.sign("key_1", {"org": "o"})[0]
+    monkeypatch.setattr(tokens.time, "time", real)
+    return token
+
+
+@pytest.mark.parametrize("offset_s, accepted", [(10, True), (-(60 + 10), True), (45, False), (-(60 + 45), False)])
+async def test_clocks_apart_by_less_than_the_leeway_still_agree(monkeypatch, offset_s, accepted):
+    signer = TokenSigner(Ed25519PrivateKey.generate(), ttl_s=60)
+
+    async def jwks():
+        return signer.jwks()
+
+    verifier = TokenVerifier(jwks, settings=VerifierSettings(leeway_s=30, jwks_max_age_s=300))
+    token = signed_at(signer, offset_s, monkeypatch)  # ahead: issued "in the future"; behind: expired
+    if accepted:
+        assert (await verifier.verify(token))["sub"] == "key_1"
+    else:
+        with pytest.raises(Unauthenticated):
+            await verifier.verify(token)
+
+
+async def test_a_withdrawn_signing_key_stops_being_trusted_after_the_max_age():
+    old, new = TokenSigner(Ed25519PrivateKey.generate(), 300), TokenSigner(Ed25519PrivateKey.generate(), 300)
+    published = [old]
+
+    async def jwks():
+        return {"keys": [k for s in published for k in s.jwks()["keys"]]}
+
+    verifier = TokenVerifier(jwks, min_refetch_s=0, settings=VerifierSettings(leeway_s=0, jwks_max_age_s=0.2))
+    token = old.sign("key_1", {})[0]
+    assert await verifier.verify(token)
+    published[:] = [new]  # auth_svc rotated and withdrew the old key
+    assert await verifier.verify(token)  # still within the copy's max age
+    await asyncio.sleep(0.3)
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token)
+    assert await verifier.verify(new.sign("key_1", {})[0])
