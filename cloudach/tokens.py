@@ -9,6 +9,7 @@ algorithm are refused before any key is used.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -107,20 +108,30 @@ class TokenVerifier:
         self._fetched_at = self._tried_at = float("-inf")
         self._min_refetch_s = min_refetch_s
         self._settings = settings or VerifierSettings.from_env()
+        #: one fetch at a time: calls arriving meanwhile wait for it instead of failing
+        self._fetching = asyncio.Lock()
 
-    async def _key(self, kid: str) -> Any:
+    def _wants(self, kid: str) -> bool:
         now = time.monotonic()
         stale = now - self._fetched_at >= self._settings.jwks_max_age_s
-        if (kid not in self._keys or stale) and now - self._tried_at >= self._min_refetch_s:
-            self._tried_at = now  # failed or not, the next try waits min_refetch_s
-            try:
-                jwks = await self._fetch()
-            except Exception as error:  # noqa: BLE001 - any failure to reach auth_svc
-                if not self._keys:
-                    raise Unavailable("cannot fetch the token signing keys") from error
-            else:
-                self._fetched_at = time.monotonic()
-                self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks.get("keys", []) if k.get("alg") == ALGORITHM}
+        return (kid not in self._keys or stale) and now - self._tried_at >= self._min_refetch_s
+
+    async def _key(self, kid: str) -> Any:
+        if self._wants(kid) or self._fetching.locked():  # a fetch is due, or one is under way
+            async with self._fetching:
+                if self._wants(kid):  # not fetched meanwhile by the call we waited for
+                    self._tried_at = time.monotonic()  # failed or not, the next try waits min_refetch_s
+                    try:
+                        jwks = await self._fetch()
+                    except Exception as error:  # noqa: BLE001 - any failure to reach auth_svc
+                        if not self._keys:
+                            raise Unavailable("cannot fetch the token signing keys") from error
+                    else:
+                        self._fetched_at = time.monotonic()
+                        self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks.get("keys", [])
+                                      if k.get("alg") == ALGORITHM}
+        if not self._keys:
+            raise Unavailable("cannot fetch the token signing keys")
         if kid not in self._keys:
             raise Unauthenticated("token signed with an unknown key")
         return self._keys[kid]

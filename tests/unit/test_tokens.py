@@ -54,3 +54,19 @@ async def test_a_withdrawn_signing_key_stops_being_trusted_after_the_max_age():
     with pytest.raises(Unauthenticated):
         await verifier.verify(token)
     assert await verifier.verify(new.sign("key_1", {})[0])
+
+
+async def test_calls_arriving_during_the_first_fetch_wait_for_it_instead_of_failing():
+    signer = TokenSigner(Ed25519PrivateKey.generate(), 300)
+    fetches = 0
+
+    async def slow_jwks():
+        nonlocal fetches
+        fetches += 1
+        await asyncio.sleep(0.1)
+        return signer.jwks()
+
+    verifier = TokenVerifier(slow_jwks, settings=VerifierSettings(leeway_s=0, jwks_max_age_s=300))
+    token = signer.sign("key_1", {})[0]
+    claims = await asyncio.gather(*(verifier.verify(token) for _ in range(20)))
+    assert all(c["sub"] == "key_1" for c in claims) and fetches == 1
