@@ -15,7 +15,8 @@ from edge import params
 from edge.errors import bad_request
 from edge.logprobs import chat_logprobs
 from edge.schema import CREATE_CHAT_COMPLETION_REQUEST
-from edge.serving import Choice, Job, serve
+from edge.job import Choice, Job
+from edge.serving import serve
 from edge.sse import ChunkEncoder
 from edge.validation import validate
 

@@ -13,7 +13,8 @@ from edge import params
 from edge.errors import bad_request
 from edge.logprobs import legacy_logprobs
 from edge.schema import CREATE_COMPLETION_REQUEST
-from edge.serving import Choice, Job, serve
+from edge.job import Choice, Job
+from edge.serving import serve
 from edge.sse import TextCompletionEncoder
 from edge.validation import validate
 

@@ -8,7 +8,7 @@ from cloudach.inference.v1 import inference_pb2 as pb
 from edge import openapi, schema
 from edge.chat import parse_chat_request
 from edge.completions import parse_completion_request
-from edge.serving import Choice
+from edge.job import Choice
 
 
 def test_every_schema_is_valid_json_schema():
