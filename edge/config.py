@@ -60,8 +60,9 @@ class EdgeConfig:
     stream_send_buffer_bytes: int = setting(64 * 1024, "CLOUDACH_EDGE_STREAM_SNDBUF_BYTES")
     #: a streaming client that reads nothing for this long (its buffers full) is disconnected
     stream_write_timeout_s: float = setting(30.0, "CLOUDACH_EDGE_WRITE_TIMEOUT_S")
-    #: seconds in-flight requests get to finish after SIGTERM
-    shutdown_grace_s: float = setting(30.0, "CLOUDACH_EDGE_SHUTDOWN_GRACE_S")
+    #: seconds in-flight requests get to finish after SIGTERM (new connections are refused at once):
+    #: by default as long as a request may run, so a rolling update cuts no stream
+    shutdown_grace_s: float = setting(600.0, "CLOUDACH_EDGE_SHUTDOWN_GRACE_S")
 
     @classmethod
     def from_env(cls) -> EdgeConfig:

@@ -30,7 +30,7 @@ class InferenceConfig:
     #: longest a single generation may run
     max_request_s: float = setting(600.0, "CLOUDACH_INFERENCE_MAX_REQUEST_S")
     #: how long in-flight streams may finish after SIGTERM
-    shutdown_grace_s: float = setting(30.0, "CLOUDACH_INFERENCE_SHUTDOWN_GRACE_S")
+    shutdown_grace_s: float = setting(600.0, "CLOUDACH_INFERENCE_SHUTDOWN_GRACE_S")
     #: how often Triton's readiness is polled for the health service
     health_poll_s: float = setting(2.0, "CLOUDACH_INFERENCE_HEALTH_POLL_S")
 

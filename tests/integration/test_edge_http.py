@@ -343,3 +343,40 @@ async def test_a_client_that_stops_reading_is_cut_off(registry, auth):
             except ConnectionResetError:
                 pass
     assert data.startswith(b"HTTP/1.1 200") and b"[DONE]" not in data  # cut off, not waited for
+
+
+async def test_sigterm_refuses_new_connections_at_once_and_lets_streams_finish(registry, auth, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from inference_svc.server import running_inference
+    from tests.integration.services import inference_config
+    from tools.launcher.ports import free_ports
+    from tools.launcher.probes import wait_http_ok
+
+    engine = FakeEngine(steps=steps(registry) * 3, delay_s=0.25)  # a stream of about 4 s
+    async with running_inference(inference_config(auth), engine=engine, registry=registry) as inf:
+        (port,) = free_ports(1)
+        env = {**os.environ, "CLOUDACH_PORT": str(port), "CLOUDACH_INFERENCE_TARGET": inf.address,
+               "CLOUDACH_AUTH_TARGET": auth.address, "CLOUDACH_EDGE_METRICS_PORT": "0",
+               "CLOUDACH_EDGE_OUTBOX_PATH": str(tmp_path / "outbox.db")}
+        edge = subprocess.Popen([sys.executable, "-m", "edge"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{port}/health", 30, edge)
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=AUTH,
+                                        json={**CHAT, "stream": True}) as r:
+                    first = await r.content.readuntil(b"\n\n")
+                    edge.send_signal(signal.SIGTERM)
+                    await asyncio.sleep(0.5)
+                    with pytest.raises(OSError):  # draining: no new connection is taken
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    rest = await r.read()
+            assert first.startswith(b"data: ") and rest.endswith(b"data: [DONE]\n\n")  # the stream was not cut
+            assert await asyncio.to_thread(edge.wait, 30) == 0
+        finally:
+            if edge.poll() is None:
+                edge.kill()
