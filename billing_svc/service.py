@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter
 
-from billing_svc.prices import PriceList
+from billing_svc.prices import Price, PriceList
 from billing_svc.store import Bucket, Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1 import billing_pb2_grpc
@@ -38,6 +38,15 @@ def _record(message: pb.UsageRecord) -> Record:
         ended_at_ms=message.ended_at.ToMilliseconds(), time_to_first_token_ns=message.time_to_first_token_ns,
         user=message.user,
     )
+
+
+def _price(record: Record, prices: PriceList) -> Price:
+    """The pricing policy: every request is recorded with its tokens and outcome; one that failed
+    through our fault (an error after it was accepted: an error event mid-stream, a 5xx) is priced
+    at zero; one the client cancelled pays for what was generated until then."""
+    if record.outcome == "failed_mid_stream":
+        return Price(0, 0)
+    return prices.price(record.model)
 
 
 def _bucket(b: Bucket) -> pb.UsageBucket:
@@ -76,7 +85,7 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
             self._unpriced.inc()
             log.warning("UNPRICED MODEL: usage record %s for model %s recorded at price 0; add it to the price list",
                         record.request_id, shown(record.model))
-        created = await self._store.record(record, self._prices.price(record.model))
+        created = await self._store.record(record, _price(record, self._prices))
         if not created:
             log.info("duplicate usage record %s ignored", record.request_id)
         return pb.RecordUsageResponse(created=created)

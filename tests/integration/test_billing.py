@@ -296,3 +296,6 @@ async def test_a_stream_that_fails_mid_way_is_billed_as_failed(registry, auth, b
             await until(lambda: billing.store.get(request_id))
     billed = await billing.store.get(request_id)
     assert billed.outcome == "failed_mid_stream" and billed.prompt_tokens > 0 and billed.completion_tokens == 4
+    # Recorded with its tokens, priced at zero: the failure was ours, not the customer's.
+    org_usage = await billing.store.usage("key_id", billed.key_id, 0, 2**62)
+    assert sum(b.prompt_tokens for b in org_usage) > 0 and sum(b.cost_micros for b in org_usage) == 0
