@@ -97,9 +97,15 @@ class _Sink:
     def __init__(self, response: web.StreamResponse, transport, timeout_s: float) -> None:
         self._response, self._transport, self._timeout_s = response, transport, timeout_s
 
-    async def write(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or (transport.get_write_buffer_size() == 0 and len(data) < self.LARGE):
+    def backed_up(self) -> bool:
+        """Whether the client's socket has bytes waiting: a write now may wait for the client."""
+        return self._transport is not None and self._transport.get_write_buffer_size() > 0
+
+    async def write(self, data: bytes, backed_up: bool | None = None) -> None:
+        """backed_up: what the caller just read from backed_up(), so the relay asks once a delta."""
+        if backed_up is None:
+            backed_up = self.backed_up()
+        if not backed_up and len(data) < self.LARGE:
             await self._response.write(data)  # room in the buffers: this cannot wait for the client
             return
         await self._bounded(self._response.write(data))
@@ -151,7 +157,6 @@ class _Pending:
 async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tally: Tally) -> pb.Finished:
     """Streams deltas as content chunks, merging each choice's while the client's socket is backed
     up; writes each choice's finish chunk as it ends (the last one's with the Finished usage)."""
-    transport = request.transport
     state = request.app[STATE]
     message = await _first_message(sink, call, state.config.keepalive_s)
     itl = state.metrics.itl.labels(encoder.model)
@@ -181,9 +186,10 @@ async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tal
                 await sink.write(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
                 message = await call.read()
                 continue
-            backed_up = transport is not None and transport.get_write_buffer_size() > 0
+            backed_up = sink.backed_up()
             if not backed_up and delta.index not in pending:
-                await sink.write(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None))
+                await sink.write(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None),
+                                 backed_up=False)
             else:
                 held = pending.setdefault(delta.index, _Pending())
                 held.parts.append(delta.text)

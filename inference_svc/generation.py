@@ -297,21 +297,22 @@ class _Choice:
                 (i for i, (_, end) in enumerate(self._pending) if end > self._emitted_bytes), len(self._pending))
             released = [entry for entry, _ in self._pending[:done]]
             del self._pending[:done]
-        if self._calls is None:
+        if self._calls is None:  # the common case, once per token: one message, built once
             if not text and not released:
                 return []
-            deltas = [pb.TokenDelta(text=text)]
-        else:
-            deltas = self._calls.push(text) if text else []
-            if last:
-                deltas += self._calls.flush()
-            self._carried += released
-            released = []
-            if not deltas and last and self._carried:
-                deltas = [pb.TokenDelta()]  # the last log probs, whose text the parser kept
-            if not deltas:
-                return []
-            released, self._carried = self._carried, []
+            delta = pb.TokenDelta(text=text, token_count=self._unreported, index=self.index, logprobs=released)
+            self._unreported = 0
+            return [delta]
+        # With tools: what the call parser makes of the text; log probs ride on its first delta.
+        deltas = self._calls.push(text) if text else []
+        if last:
+            deltas += self._calls.flush()
+        self._carried += released
+        if not deltas and last and self._carried:
+            deltas = [pb.TokenDelta()]  # the last log probs, whose text the parser kept
+        if not deltas:
+            return []
+        released, self._carried = self._carried, []
         first = deltas[0]
         first.token_count = self._unreported
         first.logprobs.extend(released)

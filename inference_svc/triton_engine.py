@@ -117,15 +117,19 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
     return inputs
 
 
-def parse_step(result: Any) -> Step | None:
-    """One streamed response as a Step (None for a response without tokens, e.g. an empty final one)."""
+def parse_step(result: Any, request: EngineRequest) -> Step | None:
+    """One streamed response as a Step (None for a response without tokens, e.g. an empty final one).
+    Runs once per token: it looks only for the outputs the request asked for."""
     ids = result.as_numpy("output_ids")
     if ids is None or ids.size == 0:
         return None
     token_ids = ids.reshape(-1).tolist()
-    index = result.as_numpy("sequence_index")
-    log_probs = result.as_numpy("output_log_probs")
-    top_ids, top_lps = result.as_numpy("top_log_prob_ids"), result.as_numpy("top_log_probs")
+    if request.n == 1 and not request.log_probs:
+        return Step(token_ids)
+    index = result.as_numpy("sequence_index") if request.n > 1 else None
+    log_probs = result.as_numpy("output_log_probs") if request.log_probs else None
+    top_ids = result.as_numpy("top_log_prob_ids") if request.top_log_probs else None
+    top_lps = result.as_numpy("top_log_probs") if request.top_log_probs else None
     top = None
     if top_ids is not None and top_lps is not None:
         k = top_ids.shape[-1]
@@ -242,7 +246,7 @@ class TritonEngine:
                     raise _rpc_error(rpc_error) from None
                 if error is not None:
                     raise _in_band_error(error)
-                step = parse_step(result)
+                step = parse_step(result, request)
                 if step is not None:
                     yield step
                 final = result.get_response().parameters.get("triton_final_response")

@@ -221,3 +221,11 @@ async def model_cancelled(server: TritonServer, before: dict[str, float], count:
                     now.get("cloudach_model_active_requests", 0) == 0:
                 return now
             await asyncio.sleep(0.05)
+
+
+def samples(text: str) -> dict[tuple, float]:
+    """A Prometheus text exposition as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

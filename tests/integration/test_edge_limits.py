@@ -231,7 +231,7 @@ async def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(registry
 async def test_a_flood_of_unknown_keys_barely_reaches_auth_svc_and_valid_traffic_flows(registry, auth):
     import secrets
 
-    from tests.integration.test_observability import samples
+    from tests.integration.services import samples
 
     async def authenticate_calls(session) -> float:
         async with session.get(f"http://127.0.0.1:{auth.grpc.metrics_port}/metrics") as r:

@@ -10,7 +10,7 @@ import pytest
 
 from auth_svc.store import Limits
 from inference_svc.server import running_inference
-from tests.integration.services import MODEL, SPANS, inference_config, running_edge
+from tests.integration.services import MODEL, SPANS, inference_config, running_edge, samples
 from tools.launcher.ports import free_ports
 
 pytestmark = pytest.mark.triton
@@ -70,13 +70,6 @@ async def test_one_request_is_one_trace_across_every_service(triton, registry, a
     assert "gen_ai.first_token" in [e.name for e in generate.events]
     text = attributes_text(spans)
     assert key not in text and key[3:15] not in text and "secret-prompt-marker" not in text and "lighthouses" not in text
-
-
-def samples(text: str) -> dict[tuple, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 async def scrape(session, url) -> dict[tuple, float]:
