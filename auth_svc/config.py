@@ -23,6 +23,9 @@ class AuthConfig:
     token_ttl_s: float = setting(300.0, "CLOUDACH_AUTH_TOKEN_TTL_S")
     #: a key file to import (or create) as an admin key at start: the local stack's dev key
     bootstrap_admin_key_file: str = setting("", "CLOUDACH_AUTH_BOOTSTRAP_ADMIN_KEY_FILE")
+    #: key files (comma-separated) to import (or create) as service keys at start: the local
+    #: stack's identities of the edge and inference_svc, which report usage
+    bootstrap_service_key_files: tuple[str, ...] = setting((), "CLOUDACH_AUTH_BOOTSTRAP_SERVICE_KEY_FILES")
     shutdown_grace_s: float = setting(5.0, "CLOUDACH_AUTH_SHUTDOWN_GRACE_S")
 
     @classmethod

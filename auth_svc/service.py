@@ -7,17 +7,21 @@ import logging
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from auth_svc import roles
 from auth_svc.keys import looks_like_a_key
 from auth_svc.store import ApiKey, KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1 import auth_pb2_grpc
-from cloudach.errors import PermissionDenied, Unauthenticated
-from cloudach.rpc.auth import caller
-from cloudach.tokens import TokenSigner
+from cloudach.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from cloudach.rpc.auth import require, scopes
+from cloudach.tokens import ALL_ORGANIZATIONS, KEYS_ADMIN, TokenSigner
 
 log = logging.getLogger(__name__)
 
 _STATUS = {"active": pb.KEY_STATUS_ACTIVE, "revoked": pb.KEY_STATUS_REVOKED}
+ROLE_PB = {roles.MEMBER: pb.KEY_ROLE_MEMBER, roles.ORG_ADMIN: pb.KEY_ROLE_ORG_ADMIN,
+           roles.PLATFORM_ADMIN: pb.KEY_ROLE_PLATFORM_ADMIN, roles.SERVICE: pb.KEY_ROLE_SERVICE}
+PB_ROLE = {v: k for k, v in ROLE_PB.items()}
 
 
 def _timestamp(ms: int | None) -> Timestamp | None:
@@ -41,13 +45,20 @@ def key_info(key: ApiKey) -> pb.ApiKeyInfo:
     return pb.ApiKeyInfo(
         key_id=key.key_id, display_prefix=key.display_prefix, organization=key.organization, name=key.name,
         status=_STATUS[key.status], limits=limits_pb(key.limits), created_at=_timestamp(key.created_at_ms),
-        last_used_at=_timestamp(key.last_used_at_ms), admin=key.admin,
+        last_used_at=_timestamp(key.last_used_at_ms), admin=key.admin, role=ROLE_PB[key.role],
     )
 
 
-def _require_admin() -> None:
-    if not caller().get("adm"):
-        raise PermissionDenied("this call needs an admin key", code="admin_required")
+def _admin() -> tuple[str, bool]:
+    """The admin caller's organization, and whether it may act on every organization."""
+    claims = require(KEYS_ADMIN)
+    return str(claims.get("org", "")), ALL_ORGANIZATIONS in scopes(claims)
+
+
+def _own(organization: str, admin_org: str, everywhere: bool) -> None:
+    if not everywhere and organization != admin_org:
+        raise PermissionDenied("an organization's admin manages only its own organization's keys",
+                               code="admin_required")
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
@@ -59,34 +70,61 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         key = await self._store.find_active(request.api_key) if looks_like_a_key(request.api_key) else None
         if key is None:
             raise Unauthenticated("Incorrect API key provided.", code="invalid_api_key")
-        token, expires = self._signer.sign(key.key_id, {"org": key.organization, "adm": key.admin})
+        claims = {"org": key.organization}
+        usage_token = ""
+        if request.purpose == pb.PURPOSE_ADMIN:
+            grant = roles.admin_grant(key.role)
+            if grant is None:
+                raise PermissionDenied("this key is not an admin key", code="admin_required")
+        else:
+            grant, usage = roles.api_grants(key.role)
+            if usage is not None:
+                usage_token, _ = self._signer.sign(key.key_id, claims, *usage)
+        token, expires = self._signer.sign(key.key_id, claims, *grant)
         return pb.AuthenticateResponse(
-            principal=pb.Principal(key_id=key.key_id, organization=key.organization, limits=limits_pb(key.limits), admin=key.admin),
+            principal=pb.Principal(key_id=key.key_id, organization=key.organization, limits=limits_pb(key.limits),
+                                   admin=key.admin, role=ROLE_PB[key.role]),
             token=token,
             token_expires_at=_timestamp(expires * 1000),
+            usage_token=usage_token,
         )
 
     async def GetSigningKeys(self, request: pb.GetSigningKeysRequest, context) -> pb.GetSigningKeysResponse:
         return pb.GetSigningKeysResponse(jwks_json=json.dumps(self._signer.jwks()))
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context) -> pb.CreateApiKeyResponse:
-        _require_admin()
+        admin_org, everywhere = _admin()
+        organization = request.organization or admin_org
+        _own(organization, admin_org, everywhere)
+        if request.role not in PB_ROLE:
+            raise InvalidArgument("unknown role", param="role")
+        role = roles.PLATFORM_ADMIN if request.admin else PB_ROLE[request.role]
+        if not everywhere and role not in roles.ORG_ADMIN_MAY_CREATE:
+            raise PermissionDenied(f"only a platform admin may create a {role} key", code="admin_required")
         l = request.limits
         key, secret = await self._store.create(
-            request.organization, request.name,
+            organization, request.name,
             Limits(l.requests_per_minute, l.tokens_per_minute, l.max_concurrent_streams, tuple(l.allowed_models)),
-            admin=request.admin,
+            role=role,
         )
-        log.info("created API key %s (%s) for organization %s by %s", key.key_id, key.display_prefix,
-                 key.organization, caller()["sub"])
+        log.info("created API key %s (%s, %s) for organization %s by %s", key.key_id, key.display_prefix, role,
+                 key.organization, require(KEYS_ADMIN)["sub"])
         return pb.CreateApiKeyResponse(key=key_info(key), api_key=secret)
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context) -> pb.ListApiKeysResponse:
-        _require_admin()
-        return pb.ListApiKeysResponse(keys=[key_info(k) for k in await self._store.list(request.organization)])
+        admin_org, everywhere = _admin()
+        organization = request.organization if everywhere else (request.organization or admin_org)
+        _own(organization or admin_org, admin_org, everywhere)
+        return pb.ListApiKeysResponse(keys=[key_info(k) for k in await self._store.list(organization)])
 
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context) -> pb.RevokeApiKeyResponse:
-        _require_admin()
+        admin_org, everywhere = _admin()
+        try:
+            target = await self._store.get(request.key_id)
+        except NotFound:
+            raise NotFound(f"no API key {request.key_id}", param="key_id") from None
+        if not everywhere and target.organization != admin_org:
+            raise NotFound(f"no API key {request.key_id}", param="key_id")  # another organization's: not told
         key = await self._store.revoke(request.key_id)
-        log.info("revoked API key %s by %s", key.key_id, caller()["sub"])
+        log.info("revoked API key %s by %s", key.key_id, require(KEYS_ADMIN)["sub"])
         return pb.RevokeApiKeyResponse(key=key_info(key))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from cloudach.db import Database
 from cloudach.errors import InvalidArgument, NotFound
 from auth_svc.keys import display_prefix, key_hash, looks_like_a_key, new_api_key
+from auth_svc.roles import ADMIN_ROLES, MEMBER, PLATFORM_ADMIN, ROLES
 
 MIGRATIONS = [
     """
@@ -30,9 +31,11 @@ MIGRATIONS = [
     );
     CREATE INDEX api_keys_organization ON api_keys (organization)
     """,
+    # The key's role (auth_svc.roles); '' in rows from before roles: admin 1 is a platform admin.
+    "ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT ''",
 ]
 _COLUMNS = ("key_id, key_hash, display_prefix, organization, name, status, admin, requests_per_minute, "
-            "tokens_per_minute, max_concurrent_streams, allowed_models, created_at_ms, last_used_at_ms, revoked_at_ms")
+            "tokens_per_minute, max_concurrent_streams, allowed_models, created_at_ms, last_used_at_ms, revoked_at_ms, role")
 #: last_used_at is written at most this often per key, so authentication stays a read
 LAST_USED_RESOLUTION_MS = 60_000
 
@@ -52,16 +55,21 @@ class ApiKey:
     organization: str
     name: str
     status: str  # "active" or "revoked"
-    admin: bool
+    role: str  # auth_svc.roles: "member", "org_admin", "platform_admin" or "service"
     limits: Limits = field(default_factory=Limits)
     created_at_ms: int = 0
     last_used_at_ms: int | None = None
 
+    @property
+    def admin(self) -> bool:
+        return self.role in ADMIN_ROLES
+
 
 def _row_to_key(row: tuple) -> ApiKey:
-    (key_id, _hash, prefix, org, name, status, admin, rpm, tpm, conc, models, created, used, _revoked) = row
+    (key_id, _hash, prefix, org, name, status, admin, rpm, tpm, conc, models, created, used, _revoked, role) = row
     return ApiKey(
-        key_id=key_id, display_prefix=prefix, organization=org, name=name, status=status, admin=bool(admin),
+        key_id=key_id, display_prefix=prefix, organization=org, name=name, status=status,
+        role=role or (PLATFORM_ADMIN if admin else MEMBER),
         limits=Limits(int(rpm), int(tpm), int(conc), tuple(m for m in models.split(",") if m)),
         created_at_ms=int(created), last_used_at_ms=None if used is None else int(used),
     )
@@ -74,9 +82,11 @@ class KeyStore:
     async def migrate(self) -> None:
         await self._db.migrate("auth", MIGRATIONS)
 
-    async def create(self, organization: str, name: str, limits: Limits, admin: bool = False,
+    async def create(self, organization: str, name: str, limits: Limits, role: str = MEMBER,
                      api_key: str | None = None) -> tuple[ApiKey, str]:
         """A new key; returns it and its secret (shown this once). api_key imports a given secret."""
+        if role not in ROLES:
+            raise InvalidArgument(f"unknown role {role!r}", param="role")
         if not organization:
             raise InvalidArgument("organization is required", param="organization")
         for value, param in ((limits.requests_per_minute, "limits.requests_per_minute"),
@@ -90,10 +100,10 @@ class KeyStore:
         key_id = f"key_{uuid.uuid4().hex[:24]}"
         now = int(time.time() * 1000)
         await self._db.execute(
-            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key_id, key_hash(secret), display_prefix(secret), organization, name, "active", int(admin),
-             limits.requests_per_minute, limits.tokens_per_minute, limits.max_concurrent_streams,
-             ",".join(limits.allowed_models), now, None, None),
+            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, key_hash(secret), display_prefix(secret), organization, name, "active",
+             int(role == PLATFORM_ADMIN), limits.requests_per_minute, limits.tokens_per_minute,
+             limits.max_concurrent_streams, ",".join(limits.allowed_models), now, None, None, role),
         )
         return await self.get(key_id), secret
 

@@ -22,6 +22,11 @@ class BillingConfig:
     auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: prices per model (TOML)
     prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_BILLING_PRICES_FILE")
+    #: a request only inference_svc reported enters the ledger once its reports are this old
+    #: (the edge's record of it, normally there within a second, has had time to come)
+    reconcile_after_s: float = setting(60.0, "CLOUDACH_BILLING_RECONCILE_AFTER_S")
+    #: how often the reports are looked at
+    reconcile_every_s: float = setting(5.0, "CLOUDACH_BILLING_RECONCILE_EVERY_S")
     shutdown_grace_s: float = setting(5.0, "CLOUDACH_BILLING_SHUTDOWN_GRACE_S")
 
     @classmethod

@@ -12,7 +12,8 @@ from billing_svc.store import Bucket, Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1 import billing_pb2_grpc
 from cloudach.errors import InvalidArgument, PermissionDenied, shown
-from cloudach.rpc.auth import caller
+from cloudach.rpc.auth import require, scopes
+from cloudach.tokens import ALL_ORGANIZATIONS, USAGE_READ, USAGE_WRITE
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ OUTCOMES = {
     pb.OUTCOME_COMPLETED: "completed",
     pb.OUTCOME_CANCELLED_BY_CLIENT: "cancelled_by_client",
     pb.OUTCOME_FAILED_MID_STREAM: "failed_mid_stream",
+    pb.OUTCOME_INTERRUPTED: "interrupted",
 }
 
 
@@ -42,9 +44,10 @@ def _record(message: pb.UsageRecord) -> Record:
 
 def _price(record: Record, prices: PriceList) -> Price:
     """The pricing policy: every request is recorded with its tokens and outcome; one that failed
-    through our fault (an error after it was accepted: an error event mid-stream, a 5xx) is priced
-    at zero; one the client cancelled pays for what was generated until then."""
-    if record.outcome == "failed_mid_stream":
+    through our fault (an error after it was accepted: an error event mid-stream, a 5xx; or cut by
+    the edge's crash: `interrupted`) is priced at zero; one the client cancelled pays for what was
+    generated until then."""
+    if record.outcome in ("failed_mid_stream", "interrupted"):
         return Price(0, 0)
     return prices.price(record.model)
 
@@ -78,8 +81,13 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
                                  registry=registry or CollectorRegistry())
 
     async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
-        caller()  # any service with a valid token may report usage
+        require(USAGE_WRITE)  # a service identity's scope: customers' tokens never carry it
         record = _record(request.record)
+        if request.record.reporter == pb.REPORTER_INFERENCE:
+            if not request.record.generation_id:
+                raise InvalidArgument("record.generation_id is required in a report", param="record.generation_id")
+            created = await self._store.report(request.record.generation_id, record, int(time.time() * 1000))
+            return pb.RecordUsageResponse(created=created)
         if record.model not in self._prices.models:
             # Recorded all the same (tokens are never dropped), but never silently at zero.
             self._unpriced.inc()
@@ -91,16 +99,19 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
         return pb.RecordUsageResponse(created=created)
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.GetUsageResponse:
-        claims = caller()
+        claims = require(USAGE_READ)
         scope = request.WhichOneof("scope")
         if scope is None:
             raise InvalidArgument("organization or key_id is required", param="scope")
         value = getattr(request, scope)
-        own = (scope == "organization" and value == claims.get("org")) or (scope == "key_id" and value == claims.get("sub"))
-        if not (claims.get("adm") or own):
-            raise PermissionDenied("reading another organization's usage needs an admin key", code="admin_required")
+        # Without the platform scope a caller reads its own organization only: the whole of it,
+        # or one of its keys (another organization's key reads as no usage).
+        organization = None if ALL_ORGANIZATIONS in scopes(claims) else str(claims.get("org", ""))
+        if scope == "organization" and organization is not None and value != organization:
+            raise PermissionDenied("reading another organization's usage needs a platform admin key",
+                                   code="admin_required")
         start, end = _range(request)
-        buckets = await self._store.usage(scope, value, start, end)
+        buckets = await self._store.usage(scope, value, start, end, organization)
         total = pb.UsageBucket(
             requests=sum(b.requests for b in buckets), prompt_tokens=sum(b.prompt_tokens for b in buckets),
             completion_tokens=sum(b.completion_tokens for b in buckets), cost_micros=sum(b.cost_micros for b in buckets),

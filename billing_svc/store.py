@@ -1,4 +1,13 @@
-"""Usage records in SQLite or PostgreSQL: one row per request id, inserted once."""
+"""Usage records in SQLite or PostgreSQL: the ledger (one row per request id) and inference_svc's
+generation reports, from which the ledger gets the requests the edge never reported.
+
+Why two sources: the edge is the only process that knows what its client received, but it can die
+holding a stream; inference_svc knows exactly what the model generated (never less than the client
+received: the client can only get what the model sent) and survives the edge. So the edge's record
+is the one that counts; a request with reports and no edge record once the reports have settled is
+reconstructed from them as `interrupted` and priced at zero (our crash cut it); an edge record that
+arrives later still replaces it. No per-token write is needed for this, and none is made.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +39,30 @@ MIGRATIONS = [
     """,
     # OpenAI's `user`: the caller's own id for its end user, kept as given ("user" is reserved in SQL).
     "ALTER TABLE usage_records ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
+    # Who the row came from: "edge", or "inference" (reconstructed from generation reports).
+    """
+    ALTER TABLE usage_records ADD COLUMN source TEXT NOT NULL DEFAULT 'edge';
+    CREATE TABLE generation_reports (
+        generation_id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        organization TEXT NOT NULL,
+        model TEXT NOT NULL,
+        prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        outcome TEXT NOT NULL,
+        started_at_ms BIGINT NOT NULL,
+        ended_at_ms BIGINT NOT NULL,
+        received_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX generation_reports_request ON generation_reports (request_id);
+    CREATE INDEX generation_reports_received ON generation_reports (received_at_ms)
+    """,
 ]
+_LEDGER_COLUMNS = ("request_id, key_id, organization, model, prompt_tokens, completion_tokens, outcome, started_at_ms, "
+                   "ended_at_ms, time_to_first_token_ns, day, input_per_million_micros, output_per_million_micros, "
+                   "end_user, source")
+_REPLACED = ", ".join(f"{c} = excluded.{c}" for c in _LEDGER_COLUMNS.split(", ")[1:])
 
 
 @dataclass(frozen=True)
@@ -41,7 +73,7 @@ class Record:
     model: str
     prompt_tokens: int
     completion_tokens: int
-    outcome: str  # "completed", "cancelled_by_client" or "failed_mid_stream"
+    outcome: str  # "completed", "cancelled_by_client", "failed_mid_stream" or "interrupted"
     started_at_ms: int
     ended_at_ms: int
     time_to_first_token_ns: int
@@ -70,27 +102,60 @@ class UsageStore:
         await self._db.migrate("billing", MIGRATIONS)
 
     async def record(self, r: Record, price: Price) -> bool:
-        """Stores the record unless one with its request id exists; returns whether it was new."""
+        """Stores the edge's record unless it has one with its request id; it replaces a row
+        reconstructed from generation reports. Returns whether it changed the ledger."""
         changed = await self._db.execute(
-            "INSERT INTO usage_records (request_id, key_id, organization, model, prompt_tokens, completion_tokens, "
-            "outcome, started_at_ms, ended_at_ms, time_to_first_token_ns, day, input_per_million_micros, "
-            "output_per_million_micros, end_user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (request_id) DO NOTHING",
+            f"INSERT INTO usage_records ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'edge') "
+            f"ON CONFLICT (request_id) DO UPDATE SET {_REPLACED} WHERE usage_records.source = 'inference'",
             (r.request_id, r.key_id, r.organization, r.model, r.prompt_tokens, r.completion_tokens, r.outcome,
              r.started_at_ms, r.ended_at_ms, r.time_to_first_token_ns, utc_day(r.started_at_ms),
              price.input_per_million_micros, price.output_per_million_micros, r.user),
         )
         return changed == 1
 
-    async def usage(self, column: str, value: str, start_ms: int, end_ms: int) -> list[Bucket]:
-        """Buckets by UTC day and model for one organization or key, started in [start_ms, end_ms)."""
+    async def report(self, generation_id: str, r: Record, received_at_ms: int) -> bool:
+        """Stores inference_svc's report of one generation of request r.request_id, once."""
+        changed = await self._db.execute(
+            "INSERT INTO generation_reports (generation_id, request_id, key_id, organization, model, prompt_tokens, "
+            "completion_tokens, outcome, started_at_ms, ended_at_ms, received_at_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (generation_id) DO NOTHING",
+            (generation_id, r.request_id, r.key_id, r.organization, r.model, r.prompt_tokens, r.completion_tokens,
+             r.outcome, r.started_at_ms, r.ended_at_ms, received_at_ms),
+        )
+        return changed == 1
+
+    async def reconcile(self, settled_before_ms: int) -> int:
+        """Puts in the ledger, as `interrupted` at price zero, every request whose reports all came
+        before settled_before_ms and that the edge has not reported; returns how many."""
+        groups = await self._db.fetchall(
+            "SELECT request_id, MIN(key_id), MIN(organization), MIN(model), SUM(prompt_tokens), SUM(completion_tokens), "
+            "MIN(started_at_ms), MAX(ended_at_ms) FROM generation_reports r "
+            "WHERE NOT EXISTS (SELECT 1 FROM usage_records u WHERE u.request_id = r.request_id) "
+            "GROUP BY request_id HAVING MAX(received_at_ms) < ? LIMIT 1000",
+            (settled_before_ms,),
+        )
+        added = 0
+        for request_id, key_id, org, model, prompt, completion, started, ended in groups:
+            added += await self._db.execute(
+                f"INSERT INTO usage_records ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'interrupted', ?, ?, 0, ?, 0, 0, "
+                "'', 'inference') ON CONFLICT (request_id) DO NOTHING",
+                (request_id, key_id, org, model, int(prompt), int(completion), int(started), int(ended),
+                 utc_day(int(started))),
+            )
+        return added
+
+    async def usage(self, column: str, value: str, start_ms: int, end_ms: int,
+                    organization: str | None = None) -> list[Bucket]:
+        """Buckets by UTC day and model for one organization or key, started in [start_ms, end_ms);
+        organization, when given, limits them to that organization's records."""
         assert column in ("organization", "key_id")
+        within = "" if organization is None else " AND organization = ?"
         rows = await self._db.fetchall(
             "SELECT day, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
             "SUM(prompt_tokens * input_per_million_micros + completion_tokens * output_per_million_micros) "
-            f"FROM usage_records WHERE {column} = ? AND started_at_ms >= ? AND started_at_ms < ? "
+            f"FROM usage_records WHERE {column} = ?{within} AND started_at_ms >= ? AND started_at_ms < ? "
             "GROUP BY day, model ORDER BY day, model",
-            (value, start_ms, end_ms),
+            (value, *(() if organization is None else (organization,)), start_ms, end_ms),
         )
         return [Bucket(day, model, int(n), int(p), int(c), int(nano) // 1_000_000) for day, model, n, p, c, nano in rows]
 

@@ -26,6 +26,7 @@ AUTH_DATABASE = "auth.db"
 AUTH_SIGNING_KEY = "auth-signing-key.pem"
 BILLING_DATABASE = "billing.db"
 EDGE_OUTBOX = "edge-outbox.db"
+INFERENCE_OUTBOX = "inference-outbox.db"
 
 
 def address(port: int, host: str = HOST) -> str:

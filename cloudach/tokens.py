@@ -5,6 +5,10 @@ small clock leeway (a host a few seconds behind still accepts fresh tokens).
 
 Only EdDSA is accepted: `alg: none`, HS256 signed with the public key and every other
 algorithm are refused before any key is used.
+
+A token is good for one service (its audience) and carries scopes (space-separated, as in OAuth):
+a service accepts only its own audience, and each RPC asks for its scope (cloudach.rpc.auth). What
+each key role gets is auth_svc's decision (auth_svc.roles).
 """
 
 from __future__ import annotations
@@ -30,7 +34,16 @@ from cloudach.errors import Unauthenticated, Unavailable
 
 ALGORITHM = "EdDSA"
 ISSUER = "cloudach-auth"
-AUDIENCE = "cloudach-internal"
+#: the audiences: one per service that verifies tokens
+INFERENCE_AUDIENCE = "cloudach-inference"
+BILLING_AUDIENCE = "cloudach-billing"
+AUTH_AUDIENCE = "cloudach-auth"
+#: the scopes
+INFERENCE = "inference"  # InferenceService
+USAGE_READ = "usage:read"  # GetUsage of the token's own organization
+USAGE_WRITE = "usage:write"  # RecordUsage: service identities only
+KEYS_ADMIN = "keys:admin"  # the admin RPCs, for the token's own organization
+ALL_ORGANIZATIONS = "platform"  # with usage:read or keys:admin: any organization
 
 
 def _b64(data: bytes) -> str:
@@ -72,11 +85,13 @@ class TokenSigner:
     def kid(self) -> str:
         return self._jwk["kid"]
 
-    def sign(self, subject: str, claims: dict[str, Any]) -> tuple[str, int]:
-        """A token for subject with claims; returns it and its expiry (unix seconds)."""
+    def sign(self, subject: str, claims: dict[str, Any], audience: str | Sequence[str],
+             scopes: Sequence[str]) -> tuple[str, int]:
+        """A token for subject, good for audience with scopes; returns it and its expiry (unix s)."""
         now = int(time.time())
         exp = now + int(self._ttl_s)
-        payload = {**claims, "sub": subject, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": exp}
+        payload = {**claims, "sub": subject, "iss": ISSUER, "aud": audience if isinstance(audience, str) else list(audience),
+                   "scope": " ".join(scopes), "iat": now, "exp": exp}
         return jwt.encode(payload, self._key, algorithm=ALGORITHM, headers={"kid": self.kid}), exp
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
@@ -136,7 +151,7 @@ class TokenVerifier:
             raise Unauthenticated("token signed with an unknown key")
         return self._keys[kid]
 
-    async def verify(self, token: str) -> dict[str, Any]:
+    async def verify(self, token: str, audience: str) -> dict[str, Any]:
         """The token's claims, or Unauthenticated: bad signature, algorithm, audience, issuer or time."""
         try:
             header = jwt.get_unverified_header(token)
@@ -147,7 +162,7 @@ class TokenVerifier:
         key = await self._key(header["kid"])
         try:
             return jwt.decode(
-                token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER, leeway=self._settings.leeway_s,
+                token, key, algorithms=[ALGORITHM], audience=audience, issuer=ISSUER, leeway=self._settings.leeway_s,
                 options={"require": ["exp", "iat", "iss", "aud", "sub"]},
             )
         except jwt.PyJWTError as error:

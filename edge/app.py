@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
@@ -13,12 +12,12 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from cloudach.outbox import ServiceToken, delivering
 from cloudach.rpc.client import insecure_channel
 from cloudach.telemetry import client_interceptors
 from edge import chat, completions, health, models, openapi, usage
 from edge.admission import Admission
 from edge.auth import Authenticator
-from edge.billing import ServiceToken, UsageOutbox, deliver_forever, watch_depth
 from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
 from edge.middleware import auth_middleware, common_headers, errors_middleware
@@ -51,28 +50,13 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
                                             mode_gauge=state.metrics.limiter_mode)
         else:
             state.limiter = InProcessLimiter(window_s=config.rate_window_s)
-        pathlib.Path(config.outbox_path).parent.mkdir(parents=True, exist_ok=True)
-        state.outbox = UsageOutbox(config.outbox_path)
-        stack.push_async_callback(state.outbox.close)
-        await state.outbox.open()
         identity = None
         if config.service_key_file:
             identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())
-        tasks = [
-            asyncio.create_task(deliver_forever(state.outbox, state.billing, identity, state.outbox_wake,
-                                                config.outbox_max_backoff_s,
-                                                set_aside_counter=state.metrics.outbox_set_aside)),
-            asyncio.create_task(watch_depth(state.outbox, state.metrics.outbox_depth, config.outbox_depth_every_s)),
-        ]
-        try:
-            yield
-        finally:
-            for task in tasks:
-                task.cancel()  # what is not delivered stays in the outbox for the next start
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
+        state.outbox, state.outbox_wake = await stack.enter_async_context(delivering(
+            config.outbox_path, state.billing, identity, config.outbox_max_backoff_s, config.outbox_depth_every_s,
+            state.metrics.outbox_depth, state.metrics.outbox_set_aside))
+        yield
 
 async def metrics_site(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: /metrics on the configured metrics address for the app's lifetime."""

@@ -45,12 +45,18 @@ class Principal:
     tokens_per_minute: int
     max_concurrent_streams: int
     allowed_models: frozenset[str]
-    #: the internal token to present to inference_svc and billing_svc
+    #: the internal token to present to inference_svc (good there only)
     token: str
+    #: the internal token to read usage from billing_svc with
+    usage_token: str = ""
 
     @property
     def grpc_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),)
+
+    @property
+    def usage_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.usage_token}"),)
 
 
 #: longer than any key auth_svc issues; a longer one is refused without asking auth_svc
@@ -75,7 +81,7 @@ def _principal(reply: pb.AuthenticateResponse) -> Principal:
         key_id=p.key_id, organization=p.organization, admin=p.admin,
         requests_per_minute=limits.requests_per_minute, tokens_per_minute=limits.tokens_per_minute,
         max_concurrent_streams=limits.max_concurrent_streams, allowed_models=frozenset(limits.allowed_models),
-        token=reply.token,
+        token=reply.token, usage_token=reply.usage_token,
     )
 
 
@@ -160,6 +166,10 @@ class Authenticator:
             self._budget.give_back(client)  # not the client's doing
             raise unavailable("Authentication is temporarily unavailable. Please retry shortly.") from None
         self._budget.give_back(client)
+        if reply.principal.role == pb.KEY_ROLE_SERVICE:
+            # A service's identity is not an API key: it may only report usage, never be used here.
+            self._remember(digest, now + self._ttl_s, None)
+            raise ApiError(401, _INCORRECT, code="invalid_api_key")
         token_left = reply.token_expires_at.seconds - time.time() - TOKEN_MARGIN_S
         principal = _principal(reply)
         self._remember(digest, now + max(0.0, min(self._ttl_s, token_left)), principal)

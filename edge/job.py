@@ -83,6 +83,10 @@ class Job:
         """The fields every endpoint reads alike (model, stream, stream_options, user) from its body."""
         if len(body["model"]) > MAX_MODEL_ID_CHARS:
             raise from_domain(model_not_found(body["model"]))
+        for generate in generates:
+            # inference_svc reports each generation under the response's id too: if this edge
+            # dies holding the stream, billing_svc still learns what the model generated.
+            generate.usage_id = completion_id
         return cls(id=completion_id, created=int(time.time()), model=body["model"], stream=bool(body.get("stream")),
                    include_usage=params.include_usage(body), generates=tuple(generates), format=format,
                    max_tokens_name=max_tokens_name, prompt_chars=prompt_chars, operation=operation,
@@ -114,6 +118,8 @@ class Tally:
     started_ns: int = field(default_factory=time.monotonic_ns)
     time_to_first_token_ns: int = 0
     finish_reason: str = ""
+    #: its usage record is in the outbox (a completed stream's is written before its [DONE])
+    recorded: bool = False
 
     def first_token(self) -> None:
         self.time_to_first_token_ns = time.monotonic_ns() - self.started_ns

@@ -220,7 +220,9 @@ async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tal
     raise Unavailable("the inference stream ended before the generation finished")
 
 
-async def stream(request: web.Request, call, job: Job, tally: Tally) -> web.StreamResponse:
+async def stream(request: web.Request, call, job: Job, tally: Tally, record) -> web.StreamResponse:
+    """Streams the answer; record() stores its usage record, called before the [DONE] of a stream
+    that completed, so a client that got [DONE] is billed even if the edge dies right after."""
     response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     await response.prepare(request)
     active = request.app[STATE].metrics.active_streams
@@ -236,6 +238,7 @@ async def stream(request: web.Request, call, job: Job, tally: Tally) -> web.Stre
         tally.completion_tokens = finished.usage.completion_tokens
         tally.outcome = billing_pb2.OUTCOME_COMPLETED
         tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")
+        await asyncio.shield(record())
         if job.include_usage:
             await sink.write(encoder.usage(usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)))
         await sink.write(DONE)

@@ -84,7 +84,7 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
                 request[MODEL] = job.model
                 events = calls[0] if len(calls) == 1 else (merged := Merged(calls, job.n))
                 if job.stream:
-                    return await stream(request, events, job, tally)
+                    return await stream(request, events, job, tally, lambda: _bill(request, principal, job, tally))
                 return await complete(events, job, tally)
             except asyncio.CancelledError:
                 tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
@@ -130,7 +130,8 @@ async def _settle(request: web.Request, principal: Principal, job: Job, tally: T
         state.metrics.output_tokens.labels(job.model).inc(tally.completion_tokens)
         if tally.time_to_first_token_ns:
             state.metrics.ttft.labels(job.model).observe(tally.time_to_first_token_ns / 1e9)
-        await _bill(request, principal, job, tally)
+        if not tally.recorded:
+            await _bill(request, principal, job, tally)
     await limiter.settle(principal.key_id, quota, reserved, tally.prompt_tokens + tally.completion_tokens, job.id)
     await limiter.release(principal.key_id, job.id)
 
@@ -171,7 +172,8 @@ def _usage_attributes(job: Job, tally: Tally) -> dict:
 
 
 async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tally) -> None:
-    """Puts the request's usage record in the outbox; billing_svc gets it from there."""
+    """Puts the request's usage record in the outbox (once); billing_svc gets it from there."""
+    tally.recorded = True
     started, ended = Timestamp(), Timestamp()
     started.FromMilliseconds(tally.started_at_ms)
     ended.GetCurrentTime()

@@ -11,9 +11,9 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from cloudach.outbox import UsageOutbox
 from edge.admission import Admission
 from edge.auth import Authenticator, Principal
-from edge.billing import UsageOutbox
 from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
 from edge.ratelimit import Limiter

@@ -50,5 +50,5 @@ async def get_usage(request: web.Request) -> web.Response:
     if start is not None and end is not None and end.seconds <= start.seconds:
         raise bad_request("Invalid 'end_time': it must be after 'start_time'.", param="end_time", code="invalid_value")
     query = pb.GetUsageRequest(**{scope: value}, start_time=start, end_time=end)
-    reply = await request.app[STATE].billing.GetUsage(query, metadata=principal.grpc_metadata, timeout=10)
+    reply = await request.app[STATE].billing.GetUsage(query, metadata=principal.usage_metadata, timeout=10)
     return web.json_response(usage_json(reply, scope, value))

@@ -21,6 +21,14 @@ class InferenceConfig:
     triton_urls: tuple[str, ...] = setting(("127.0.0.1:8001",), "CLOUDACH_TRITON_URLS")
     #: auth_svc, whose published keys verify the callers' tokens
     auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
+    #: billing_svc, told of every generation run for a caller that bills it ("" : none is reported)
+    billing_target: str = setting("", "CLOUDACH_INFERENCE_BILLING_TARGET")
+    #: file holding inference_svc's own service key, exchanged for the token billing_svc checks
+    service_key_file: str = setting("", "CLOUDACH_INFERENCE_SERVICE_KEY_FILE")
+    #: the durable outbox of generation reports waiting for billing_svc (SQLite)
+    outbox_path: str = setting(f"{d.DATA_DIR}/{d.INFERENCE_OUTBOX}", "CLOUDACH_INFERENCE_OUTBOX_PATH")
+    #: longest pause between delivery attempts while billing_svc is unreachable
+    outbox_max_backoff_s: float = setting(30.0, "CLOUDACH_INFERENCE_OUTBOX_MAX_BACKOFF_S")
     #: the model registry (TOML)
     models_file: str = setting(str(REPO_ROOT / "deploy" / "inference" / "models.cpu.toml"), "CLOUDACH_MODELS_FILE")
     #: streams served at once; more are refused with RESOURCE_EXHAUSTED, never queued

@@ -203,7 +203,8 @@ def plan_generation(
 
 @dataclass(slots=True)
 class Outcome:
-    """What a finished generation amounted to (for logs and metrics)."""
+    """What a generation amounted to (for logs, metrics and its usage report); completion_tokens
+    counts the tokens the model has generated so far, so it is right for a cut stream too."""
 
     completion_tokens: int = 0
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
@@ -357,7 +358,10 @@ async def stream_generation(
                 continue  # ended by a stop sequence while the model went on
             if not outcome.time_to_first_token_ns:
                 outcome.time_to_first_token_ns = clock() - start
-            for delta in choice.push(step):
+            counted = choice.generated
+            deltas = choice.push(step)
+            outcome.completion_tokens += choice.generated - counted  # so far: a cut stream's report
+            for delta in deltas:
                 yield pb.GenerateResponse(delta=delta)
             if choice.done:
                 for event in end(choice):

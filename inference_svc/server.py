@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
+from cloudach.outbox import ServiceToken, delivering
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
 from cloudach.rpc.client import insecure_channel
 from cloudach.telemetry import client_interceptors
 from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
-from cloudach.tokens import TokenVerifier
+from cloudach.tokens import INFERENCE_AUDIENCE, TokenVerifier
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
 from inference_svc.registry import ModelRegistry, load_registry
+from inference_svc.reports import Report, outbox_report
 from inference_svc.service import InferenceMetrics, InferenceService
 from inference_svc.triton_engine import TritonEngine
 
@@ -44,6 +49,19 @@ async def _watch_health(server: GrpcServer, registry: ModelRegistry, engine: Eng
         await asyncio.sleep(every_s)
 
 
+async def _reporting(stack: contextlib.AsyncExitStack, config: InferenceConfig, auth_channel,
+                     measures: InferenceMetrics) -> Report:
+    """Generation reports through a durable outbox delivered to billing_svc, for the stack's life."""
+    billing = await stack.enter_async_context(insecure_channel(config.billing_target, client_interceptors()))
+    identity = None
+    if config.service_key_file:
+        identity = ServiceToken(AuthServiceStub(auth_channel), pathlib.Path(config.service_key_file).read_text().strip())
+    outbox, wake = await stack.enter_async_context(delivering(
+        config.outbox_path, BillingServiceStub(billing), identity, config.outbox_max_backoff_s, 5.0,
+        measures.outbox_depth, measures.outbox_set_aside))
+    return outbox_report(outbox, wake)
+
+
 @contextlib.asynccontextmanager
 async def running_inference(
     config: InferenceConfig,
@@ -57,17 +75,21 @@ async def running_inference(
     registry = registry or load_registry(config.models_file)
     engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s, {s.id: s.engine for s in registry})
     async with contextlib.AsyncExitStack() as stack:
+        auth_channel = await stack.enter_async_context(insecure_channel(config.auth_target, client_interceptors()))
         if verifier is None:
-            auth_channel = await stack.enter_async_context(insecure_channel(config.auth_target, client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(auth_channel))
         metrics = CollectorRegistry()
-        service = InferenceService(registry, engine, config, InferenceMetrics(metrics))
+        measures = InferenceMetrics(metrics)
+        report = None
+        if config.billing_target:
+            report = await _reporting(stack, config, auth_channel, measures)
+        service = InferenceService(registry, engine, config, measures, report)
         server = await start_grpc_server(
             config.listen_address,
             lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
             [SERVICE_NAME],
             metrics=("inference", metrics, None if config.metrics_port < 0 else config.metrics_port),
-            interceptors=[TokenInterceptor(verifier)],
+            interceptors=[TokenInterceptor(verifier, INFERENCE_AUDIENCE)],
             serving=False,  # until _watch_health has seen a model ready in Triton
         )
         watcher = asyncio.create_task(_watch_health(server, registry, engine, config.health_poll_s))

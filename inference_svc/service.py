@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cloudach.billing.v1 import billing_pb2 as bpb
 from cloudach.errors import ResourceExhausted
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
@@ -16,6 +18,9 @@ from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
 from inference_svc.generation import Outcome, plan_generation, prompt_chars, stream_generation
 from inference_svc.registry import ModelRegistry
+from inference_svc.reports import Report, usage_report
+from cloudach.rpc.auth import require
+from cloudach.tokens import INFERENCE
 
 log = logging.getLogger(__name__)
 #: prompts longer than this (characters) are tokenized off the event loop (about 10 ms of work)
@@ -36,14 +41,20 @@ class InferenceMetrics:
         self.output_tokens = Counter("cloudach_inference_output_tokens_total", "Tokens generated", ["model"], registry=registry)
         self.active = Gauge("cloudach_inference_active_streams", "Generations in progress", registry=registry)
         self.rejected = Counter("cloudach_inference_admission_rejections_total", "Streams refused at capacity", registry=registry)
+        self.outbox_depth = Gauge("cloudach_inference_usage_outbox_depth", "Generation reports waiting for billing_svc",
+                                  registry=registry)
+        self.outbox_set_aside = Counter("cloudach_inference_usage_outbox_set_aside_total",
+                                        "Generation reports billing_svc kept refusing, set aside", registry=registry)
 
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, engine: Engine, config: InferenceConfig,
-                 metrics: InferenceMetrics | None = None) -> None:
+                 metrics: InferenceMetrics | None = None, report: Report | None = None) -> None:
         self._registry = registry
         self._engine = engine
         self._config = config
+        #: where the usage of a generation run for a billing caller (usage_id set) is reported
+        self._report = report
         self._metrics = metrics or InferenceMetrics(CollectorRegistry())
         self._active = 0
 
@@ -52,6 +63,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         return self._active
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        claims = require(INFERENCE)
         if self._active >= self._config.max_concurrent_streams:
             self._metrics.rejected.inc()
             raise ResourceExhausted(
@@ -62,6 +74,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self._metrics.active.inc()
         outcome = Outcome()
         plan = None
+        accepted_at_ms = 0
+        result = bpb.OUTCOME_FAILED_MID_STREAM
         try:
             if prompt_chars(request) > OFF_LOOP_CHARS:
                 # Tokenizing a long prompt takes long (a megabyte: ~0.6 s); on the event loop it
@@ -76,12 +90,15 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 "gen_ai.usage.input_tokens": plan.prompt_tokens, "cloudach.request_id": plan.engine_request.request_id,
             })
             # Accepted: the caller may commit to a successful response before the first token.
+            accepted_at_ms = int(time.time() * 1000)
             yield pb.GenerateResponse(accepted=pb.Accepted(prompt_tokens=plan.prompt_tokens))
             first = True
             async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
                 if first and event.HasField("delta"):
                     span.add_event("gen_ai.first_token")
                     first = False
+                if event.HasField("finished"):
+                    result = bpb.OUTCOME_COMPLETED
                 yield event
             span.set_attributes({
                 "gen_ai.usage.output_tokens": outcome.completion_tokens,
@@ -89,10 +106,17 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             })
         except asyncio.CancelledError:
             log.info("generation cancelled by the caller: %s", request.request_id)
+            if result != bpb.OUTCOME_COMPLETED:
+                result = bpb.OUTCOME_CANCELLED_BY_CLIENT
             raise
         finally:
             self._active -= 1
             self._metrics.active.dec()
+            if accepted_at_ms and request.usage_id and self._report is not None:
+                # Shielded: a cancelled call (its caller left, or died) is exactly the one to report.
+                await asyncio.shield(self._report(usage_report(
+                    request.usage_id, plan.engine_request.request_id, plan.spec.id, claims, plan.prompt_tokens,
+                    outcome.completion_tokens, result, accepted_at_ms)))
             if plan is not None:
                 self._metrics.output_tokens.labels(plan.spec.id).inc(outcome.completion_tokens)
                 if outcome.time_to_first_token_ns:
@@ -109,6 +133,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 )
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        require(INFERENCE)
         specs = list(self._registry)
         ready = await asyncio.gather(*(self._engine.model_ready(s.id) for s in specs))
         return pb.ListModelsResponse(

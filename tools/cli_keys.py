@@ -18,6 +18,9 @@ from cloudach.rpc.errors import error_from_rpc
 from tools.client import api_key, table, token_metadata
 from tools.settings import ClientSettings
 
+ROLE_NAMES = {"member": pb.KEY_ROLE_MEMBER, "org-admin": pb.KEY_ROLE_ORG_ADMIN,
+              "platform-admin": pb.KEY_ROLE_PLATFORM_ADMIN, "service": pb.KEY_ROLE_SERVICE}
+
 
 def add_parser(commands: argparse._SubParsersAction, client: ClientSettings) -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys (needs an admin key)")
@@ -32,7 +35,10 @@ def add_parser(commands: argparse._SubParsersAction, client: ClientSettings) -> 
     create.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: unlimited)")
     create.add_argument("--max-concurrency", type=int, default=0, help="concurrent streams (0: unlimited)")
     create.add_argument("--models", default="", help="comma-separated models it may use (default: all)")
-    create.add_argument("--admin", action="store_true", help="may call the admin RPCs and read usage")
+    create.add_argument("--role", choices=tuple(ROLE_NAMES), default="member",
+                        help="member (inference, its organization's usage), org-admin (also manages its "
+                             "organization's keys), platform-admin (every organization), service (reports usage)")
+    create.add_argument("--admin", action="store_true", help="the same as --role platform-admin")
     listing = actions.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--org", default="")
     listing.add_argument("--json", action="store_true")
@@ -50,7 +56,7 @@ def _row(k: pb.ApiKeyInfo) -> dict:
     return {
         "key_id": k.key_id, "key": k.display_prefix, "organization": k.organization, "name": k.name,
         "status": pb.KeyStatus.Name(k.status).removeprefix("KEY_STATUS_").lower(),
-        "admin": k.admin, "rpm": k.limits.requests_per_minute, "tpm": k.limits.tokens_per_minute,
+        "role": pb.KeyRole.Name(k.role).removeprefix("KEY_ROLE_").lower().replace("_", "-"), "rpm": k.limits.requests_per_minute, "tpm": k.limits.tokens_per_minute,
         "max_concurrency": k.limits.max_concurrent_streams, "models": ",".join(k.limits.allowed_models) or "*",
         "created": _when(k.created_at), "last_used": _when(k.last_used_at),
     }
@@ -65,13 +71,14 @@ async def _run(args: argparse.Namespace, client: ClientSettings) -> int:
     async with grpc.aio.insecure_channel(args.auth_target) as channel:
         stub = AuthServiceStub(channel)
         try:
-            metadata = await token_metadata(stub, key)
+            metadata = await token_metadata(stub, key, admin=True)
             if args.action == "create":
                 limits = pb.KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
                                       max_concurrent_streams=args.max_concurrency,
                                       allowed_models=[m for m in args.models.split(",") if m])
                 created = await stub.CreateApiKey(pb.CreateApiKeyRequest(
-                    organization=args.org, name=args.name, limits=limits, admin=args.admin), metadata=metadata, timeout=10)
+                    organization=args.org, name=args.name, limits=limits, admin=args.admin,
+                    role=ROLE_NAMES[args.role]), metadata=metadata, timeout=10)
                 print(f"created {created.key.key_id} for {created.key.organization}")
                 print(f"API key (shown once, store it now): {created.api_key}")
             elif args.action == "list":

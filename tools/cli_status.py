@@ -8,7 +8,7 @@ import json
 import pathlib
 
 from cloudach import defaults
-from edge.billing import queued_records
+from cloudach.outbox import queued_records
 from tools.launcher.probes import check, describe
 from tools.launcher.process import alive
 from tools.settings import ClientSettings

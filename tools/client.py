@@ -23,10 +23,12 @@ def api_key(client: ClientSettings, key_file: pathlib.Path) -> str:
         sys.exit(f"no API key: set CLOUDACH_API_KEY or create {key_file}")
 
 
-async def token_metadata(auth: AuthServiceStub, key: str) -> Metadata:
-    """The key exchanged with auth_svc for an internal token, as call metadata."""
-    reply = await auth.Authenticate(auth_pb2.AuthenticateRequest(api_key=key), timeout=10)
-    return (("authorization", f"Bearer {reply.token}"),)
+async def token_metadata(auth: AuthServiceStub, key: str, admin: bool = False) -> Metadata:
+    """The key exchanged with auth_svc for an internal token, as call metadata: its admin token
+    (the admin RPCs), else its token for reading usage."""
+    purpose = auth_pb2.PURPOSE_ADMIN if admin else auth_pb2.PURPOSE_API
+    reply = await auth.Authenticate(auth_pb2.AuthenticateRequest(api_key=key, purpose=purpose), timeout=10)
+    return (("authorization", f"Bearer {reply.token if admin else reply.usage_token}"),)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

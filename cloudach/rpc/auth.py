@@ -1,7 +1,8 @@
 """The internal-token policy of every gRPC service but auth_svc's public RPCs.
 
-A call must carry `authorization: Bearer <jwt>` signed by auth_svc; its claims are then
-available to the handler as `caller()`. Health checks and reflection stay open.
+A call must carry `authorization: Bearer <jwt>` signed by auth_svc for this service's audience;
+its claims are then available to the handler as `caller()`, and `require(scope)` refuses a caller
+whose token lacks the scope the RPC needs. Health checks and reflection stay open.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from cloudach.errors import Unauthenticated
+from cloudach.errors import PermissionDenied, Unauthenticated
 from cloudach.rpc.wrap import wrap_handler
 from cloudach.tokens import TokenVerifier
 
@@ -29,6 +30,19 @@ def caller() -> dict[str, Any]:
     return claims
 
 
+def scopes(claims: dict[str, Any]) -> frozenset[str]:
+    scope = claims.get("scope")
+    return frozenset(scope.split()) if isinstance(scope, str) else frozenset()
+
+
+def require(scope: str) -> dict[str, Any]:
+    """The current caller's claims, when its token carries scope; else PERMISSION_DENIED."""
+    claims = caller()
+    if scope not in scopes(claims):
+        raise PermissionDenied(f"this call needs the {scope} scope", code="insufficient_scope")
+    return claims
+
+
 def bearer(metadata: Sequence[tuple[str, Any]] | None) -> str:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
@@ -37,8 +51,11 @@ def bearer(metadata: Sequence[tuple[str, Any]] | None) -> str:
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier, open_methods: Sequence[str] = ()) -> None:
+    """Verifies every call's token for audience (the service's own), but the open methods'."""
+
+    def __init__(self, verifier: TokenVerifier, audience: str, open_methods: Sequence[str] = ()) -> None:
         self._verifier = verifier
+        self._audience = audience
         self._open = tuple(open_methods)
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
@@ -49,7 +66,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
         @contextlib.asynccontextmanager
         async def verified(context):
-            _CALLER.set(await self._verifier.verify(bearer(context.invocation_metadata())))
+            _CALLER.set(await self._verifier.verify(bearer(context.invocation_metadata()), self._audience))
             yield
 
         return wrap_handler(handler, verified)

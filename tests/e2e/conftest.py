@@ -98,8 +98,9 @@ class Stack:
         return next(word for word in made.stdout.split() if word.startswith("ck-"))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
+def launch_stack(tmp_path_factory, env: dict[str, str] | None = None):
+    """`cloudach up` on free ports and a fresh state directory, env added to its environment;
+    yields the Stack, then stops it and checks it stopped cleanly."""
     state_dir = tmp_path_factory.mktemp("e2e") / ".cloudach"
     port, inference_port, auth_port, billing_port, *metrics = free_ports(8)
     metrics_ports = {f"CLOUDACH_{name}_METRICS_PORT": str(p)
@@ -107,7 +108,7 @@ def stack(tmp_path_factory) -> Stack:
     process = subprocess.Popen(
         [sys.executable, "-m", "tools", "up", "--state-dir", str(state_dir), "--port", str(port),
          "--inference-port", str(inference_port), "--auth-port", str(auth_port), "--billing-port", str(billing_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **metrics_ports},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **metrics_ports, **(env or {})},
     )
     output = Output(process)
     running = Stack(process, output, state_dir, port, auth_port, billing_port, inference_port)
@@ -126,6 +127,11 @@ def stack(tmp_path_factory) -> Stack:
     assert "stopped." in output.text
     assert pids and not [pid for pid in pids if alive(pid)], "the launcher left processes behind"
     assert not (state_dir / "stack.json").exists()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    yield from launch_stack(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from auth_svc.config import AuthConfig
 from bench.drivers import model_inputs, model_responses
 from billing_svc.config import BillingConfig
 from cloudach.rpc.auth import bearer_interceptors
+from cloudach.tokens import BILLING_AUDIENCE, INFERENCE, INFERENCE_AUDIENCE, USAGE_WRITE
 from edge.app import create_app
 from edge.config import EdgeConfig
 from inference_svc.config import InferenceConfig
@@ -41,7 +42,9 @@ trace.set_tracer_provider(_provider)
 
 #: imported into the session's auth_svc as its bootstrap admin key
 API_KEY = "ck-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
-__all__ = ["API_KEY", "MODEL", "SPANS"]
+#: imported as a service key: the edge's identity towards billing_svc
+SERVICE_KEY = "ck-service-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
+__all__ = ["API_KEY", "MODEL", "SERVICE_KEY", "SPANS"]
 
 
 def auth_config(tmp: pathlib.Path, **overrides) -> AuthConfig:
@@ -51,6 +54,7 @@ def auth_config(tmp: pathlib.Path, **overrides) -> AuthConfig:
     settings = dict(
         listen_address="127.0.0.1:0", metrics_port=0, database_url=f"sqlite:///{tmp / 'auth.db'}",
         signing_key_file=str(tmp / "signing-key.pem"), bootstrap_admin_key_file=str(key_file),
+        bootstrap_service_key_files=(str(service_key_file()),),
     )
     return AuthConfig(**{**settings, **overrides})
 
@@ -70,9 +74,9 @@ def inference_config(auth, **overrides) -> InferenceConfig:
 
 @functools.cache
 def service_key_file() -> pathlib.Path:
-    """The edge's own key for billing deliveries (the admin key, as in the local stack)."""
+    """The edge's own key for billing deliveries (a service key, as in the local stack)."""
     path = pathlib.Path(tempfile.mkdtemp(prefix="cloudach-test-")) / "service-key"
-    path.write_text(API_KEY + "\n")
+    path.write_text(SERVICE_KEY + "\n")
     return path
 
 
@@ -85,13 +89,19 @@ def edge_config(inference_address: str, auth_address: str, **overrides) -> EdgeC
     return EdgeConfig(**{**settings, **overrides})
 
 
-def service_token(auth, admin: bool = False) -> str:
-    return auth.signer.sign("key_test_service", {"org": "test", "adm": admin})[0]
+def signed(auth, audience: str, *scopes: str, org: str = "test") -> str:
+    """A token auth_svc signed for audience with scopes."""
+    return auth.signer.sign("key_test_service", {"org": org}, audience, scopes)[0]
+
+
+def service_token(auth, *extra_scopes: str) -> str:
+    """A service identity's token for billing_svc: it may record usage (and what extra_scopes add)."""
+    return signed(auth, BILLING_AUDIENCE, USAGE_WRITE, *extra_scopes)
 
 
 def authed_channel(address: str, auth) -> grpc.aio.Channel:
-    """A channel whose every call carries a valid internal token."""
-    return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(service_token(auth)))
+    """A channel to inference_svc whose every call carries a valid inference token."""
+    return grpc.aio.insecure_channel(address, interceptors=bearer_interceptors(signed(auth, INFERENCE_AUDIENCE, INFERENCE)))
 
 
 def launch_triton(tmp_path_factory) -> TritonServer:

@@ -13,6 +13,7 @@ import time
 import grpc
 import jwt
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -25,9 +26,12 @@ from cloudach.db import Database
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from tools.launcher.ports import free_ports
 from cloudach.rpc.auth import auth_jwks_fetcher
-from cloudach.tokens import AUDIENCE, ISSUER, TokenSigner, TokenVerifier
+from cloudach.billing.v1 import billing_pb2
+from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
+from cloudach.tokens import (AUTH_AUDIENCE, BILLING_AUDIENCE, INFERENCE, INFERENCE_AUDIENCE, ISSUER, TokenSigner,
+                             TokenVerifier)
 from inference_svc.server import running_inference
-from tests.integration.services import API_KEY, auth_config, inference_config, run_cli
+from tests.integration.services import API_KEY, MODEL, auth_config, inference_config, run_cli
 from tests.fakes import FakeEngine
 
 
@@ -71,15 +75,89 @@ async def auth_stub_call(auth, method, request, token=None):
         return await getattr(AuthServiceStub(channel), method)(request, metadata=metadata, timeout=5)
 
 
+def _claims(auth, token: str, audience: str) -> dict:
+    return jwt.decode(token, auth.signer._key.public_key(), algorithms=["EdDSA"], audience=audience, issuer=ISSUER)
+
+
 async def test_authenticate_returns_the_principal_and_a_verifiable_eddsa_token(auth):
     reply = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=API_KEY))
     assert reply.principal.admin and reply.principal.organization == "local"
+    assert reply.principal.role == pb.KEY_ROLE_PLATFORM_ADMIN
     header = jwt.get_unverified_header(reply.token)
     assert header["alg"] == "EdDSA" and header["kid"] == auth.signer.kid
     jwks = json.loads((await auth_stub_call(auth, "GetSigningKeys", pb.GetSigningKeysRequest())).jwks_json)
     key = jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == header["kid"])).key
-    claims = jwt.decode(reply.token, key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER)
+    claims = jwt.decode(reply.token, key, algorithms=["EdDSA"], audience=INFERENCE_AUDIENCE, issuer=ISSUER)
     assert claims["sub"] == reply.principal.key_id and 0 < claims["exp"] - claims["iat"] <= 300
+    # The token the edge forwards is good for inference only, even an admin key's.
+    assert claims["scope"] == "inference" and claims["aud"] == INFERENCE_AUDIENCE
+    assert _claims(auth, reply.usage_token, BILLING_AUDIENCE)["scope"] == "usage:read platform"
+    admin = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=API_KEY, purpose=pb.PURPOSE_ADMIN))
+    assert _claims(auth, admin.token, AUTH_AUDIENCE)["scope"] == "keys:admin usage:read platform"
+
+
+async def test_tokens_carry_only_what_each_role_may_do(auth, billing, inference):
+    _, member = await auth.store.create("acme", "member", Limits())
+    _, service = await auth.store.create("cloudach", "svc", Limits(), role="service")
+    api = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=API_KEY))
+    with pytest.raises(grpc.aio.AioRpcError) as not_admin:
+        await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=member, purpose=pb.PURPOSE_ADMIN))
+    assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A forwarded token replayed at the admin RPCs (even an admin key's): not for this audience.
+    with pytest.raises(grpc.aio.AioRpcError) as replayed:
+        await auth_stub_call(auth, "ListApiKeys", pb.ListApiKeysRequest(), token=api.token)
+    assert replayed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    forged = billing_pb2.RecordUsageRequest(record=billing_pb2.UsageRecord(
+        request_id=f"forged-{time.time_ns()}", key_id="k", organization="victim", model=MODEL, outcome=billing_pb2.OUTCOME_COMPLETED,
+        started_at=stamp, ended_at=stamp))
+    member_api = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=member))
+    async with grpc.aio.insecure_channel(billing.address) as channel:
+        stub = BillingServiceStub(channel)
+        for token, code in ((api.token, grpc.StatusCode.UNAUTHENTICATED),  # the forwarded one: wrong audience
+                            (member_api.usage_token, grpc.StatusCode.PERMISSION_DENIED)):  # no usage:write
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RecordUsage(forged, metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+            assert refused.value.code() == code
+        with pytest.raises(grpc.aio.AioRpcError) as elsewhere:
+            await stub.GetUsage(billing_pb2.GetUsageRequest(organization="victim"),
+                                metadata=(("authorization", f"Bearer {member_api.usage_token}"),), timeout=5)
+        assert elsewhere.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Only a service identity records usage; it can do nothing else.
+        service_api = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=service))
+        assert not service_api.usage_token
+        recorded = await stub.RecordUsage(forged, metadata=(("authorization", f"Bearer {service_api.token}"),), timeout=5)
+        assert recorded.created
+    async with grpc.aio.insecure_channel(inference.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as not_inference:
+            await inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
+                inference_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {service_api.token}"),), timeout=5)
+    assert not_inference.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_organization_admins_manage_only_their_own_organization(auth):
+    _, org_admin = await auth.store.create("umbrella", "its admin", Limits(), role="org_admin")
+    other, _ = await auth.store.create("globex", "someone else", Limits())
+    token = (await auth_stub_call(auth, "Authenticate",
+                                  pb.AuthenticateRequest(api_key=org_admin, purpose=pb.PURPOSE_ADMIN))).token
+    made = await auth_stub_call(auth, "CreateApiKey", pb.CreateApiKeyRequest(name="dev"), token=token)
+    assert made.key.organization == "umbrella" and made.key.role == pb.KEY_ROLE_MEMBER
+    listed = await auth_stub_call(auth, "ListApiKeys", pb.ListApiKeysRequest(), token=token)
+    assert {k.organization for k in listed.keys} == {"umbrella"} and len(listed.keys) == 2
+    refusals = [
+        ("CreateApiKey", pb.CreateApiKeyRequest(organization="globex"), grpc.StatusCode.PERMISSION_DENIED),
+        ("CreateApiKey", pb.CreateApiKeyRequest(role=pb.KEY_ROLE_PLATFORM_ADMIN), grpc.StatusCode.PERMISSION_DENIED),
+        ("CreateApiKey", pb.CreateApiKeyRequest(admin=True), grpc.StatusCode.PERMISSION_DENIED),
+        ("CreateApiKey", pb.CreateApiKeyRequest(role=pb.KEY_ROLE_SERVICE), grpc.StatusCode.PERMISSION_DENIED),
+        ("ListApiKeys", pb.ListApiKeysRequest(organization="globex"), grpc.StatusCode.PERMISSION_DENIED),
+        ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=other.key_id), grpc.StatusCode.NOT_FOUND),
+    ]
+    for method, request, code in refusals:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await auth_stub_call(auth, method, request, token=token)
+        assert refused.value.code() == code, (method, request)
+    assert (await auth.store.get(other.key_id)).status == "active"
 
 
 @pytest.mark.parametrize("api_key", ["", "ck-short", "sk-" + "a" * 48, "ck-" + "b" * 43])
@@ -93,10 +171,10 @@ async def test_admin_rpcs_need_an_admin_token(auth):
     request = pb.ListApiKeysRequest()
     with pytest.raises(grpc.aio.AioRpcError) as no_token:
         await auth_stub_call(auth, "ListApiKeys", request)
-    _, secret = await auth.store.create("acme", "user", Limits())
-    user = await auth_stub_call(auth, "Authenticate", pb.AuthenticateRequest(api_key=secret))
+    # A token for auth_svc without the keys:admin scope.
+    user = auth.signer.sign("key_user", {"org": "acme"}, AUTH_AUDIENCE, ("usage:read",))[0]
     with pytest.raises(grpc.aio.AioRpcError) as not_admin:
-        await auth_stub_call(auth, "ListApiKeys", request, token=user.token)
+        await auth_stub_call(auth, "ListApiKeys", request, token=user)
     assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
@@ -133,15 +211,15 @@ def _hs256_with_public_key(auth) -> str:
     )
     now = int(time.time())
     head = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": auth.signer.kid}).encode())
-    body = _b64(json.dumps({"sub": "x", "iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 60}).encode())
+    body = _b64(json.dumps({"sub": "x", "iss": ISSUER, "aud": INFERENCE_AUDIENCE, "iat": now, "exp": now + 60}).encode())
     signature = hmac.new(public_pem, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{_b64(signature)}"
 
 
 def bad_tokens(auth) -> dict[str, str]:
-    good = auth.signer.sign("key_x", {"org": "o"})[0]
+    good = auth.signer.sign("key_x", {"org": "o"}, INFERENCE_AUDIENCE, (INFERENCE,))[0]
     now = int(time.time())
-    claims = {"sub": "key_x", "iss": ISSUER, "aud": AUDIENCE, "iat": now - 600, "exp": now - 300}
+    claims = {"sub": "key_x", "iss": ISSUER, "aud": INFERENCE_AUDIENCE, "iat": now - 600, "exp": now - 300}
     head, body, sig = good.split(".")
     forged_body = _b64(json.dumps({**json.loads(base64.urlsafe_b64decode(body + "==")), "adm": True}).encode())
     stranger = TokenSigner(Ed25519PrivateKey.generate(), 60)
@@ -154,7 +232,7 @@ def bad_tokens(auth) -> dict[str, str]:
                                      algorithm="EdDSA", headers={"kid": auth.signer.kid}),
         "alg none": jwt.encode({**claims, "exp": now + 60}, None, algorithm="none"),
         "hs256 with the public key": _hs256_with_public_key(auth),
-        "unknown signer": stranger.sign("key_x", {})[0],
+        "unknown signer": stranger.sign("key_x", {}, INFERENCE_AUDIENCE, (INFERENCE,))[0],
     }
 
 
@@ -170,7 +248,7 @@ async def test_inference_svc_refuses_every_bad_token(auth, inference):
                 async for _ in stub.Generate(inference_pb2.GenerateRequest(), metadata=metadata, timeout=5):
                     pass
             assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
-        good = auth.signer.sign("key_x", {"org": "o"})[0]
+        good = auth.signer.sign("key_x", {"org": "o"}, INFERENCE_AUDIENCE, (INFERENCE,))[0]
         reply = await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {good}"),))
         assert reply.models
 
@@ -183,7 +261,7 @@ async def test_a_rotated_signing_key_is_picked_up_by_kid(tmp_path, registry):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as auth_channel:
         verifier = TokenVerifier(auth_jwks_fetcher(auth_channel), min_refetch_s=0)
         async with running_auth(first) as old:
-            old_token = old.signer.sign("key_old", {})[0]
+            old_token = old.signer.sign("key_old", {}, INFERENCE_AUDIENCE, (INFERENCE,))[0]
             old_public = tmp_path / "old-public.pem"
             old_public.write_bytes(old.signer._key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -197,6 +275,6 @@ async def test_a_rotated_signing_key_is_picked_up_by_kid(tmp_path, registry):
                     await old.grpc.stop(0)
                     async with running_auth(rotated) as new:
                         assert new.signer.kid != old.signer.kid
-                        for token in (new.signer.sign("key_new", {})[0], old_token):
+                        for token in (new.signer.sign("key_new", {}, INFERENCE_AUDIENCE, (INFERENCE,))[0], old_token):
                             await stub.ListModels(inference_pb2.ListModelsRequest(),
                                                   metadata=(("authorization", f"Bearer {token}"),), timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from tools.launcher.ports import free_ports
 from tools.launcher.probes import wait_http_ok
-from edge.billing import UsageOutbox
+from cloudach.outbox import UsageOutbox
+from cloudach.tokens import ALL_ORGANIZATIONS, USAGE_READ
 from inference_svc.server import running_inference
 from tests.integration.services import (API_KEY, MODEL, billing_config, inference_config, run_cli,
                                         running_edge, service_key_file, service_token)
@@ -61,6 +63,31 @@ async def test_records_are_stored_once_and_costed_in_integer_micros(database):  
     assert isinstance(bucket.cost_micros, int) and bucket.day == "2026-11-18"
 
 
+async def test_a_request_only_inference_reported_is_reconstructed_and_the_edges_record_replaces_it(database):  # noqa: F811
+    store = UsageStore(database)
+    await store.migrate()
+    price = Price(input_per_million_micros=200_000, output_per_million_micros=600_000)
+    cut = record("cut", prompt=10, completion=0)
+    # A legacy completion of two prompts: two generations of one request, each reported once.
+    assert await store.report("cut-0", dataclasses.replace(cut, completion_tokens=7, outcome="cancelled_by_client"), 1_000)
+    assert await store.report("cut-1", dataclasses.replace(cut, completion_tokens=4, outcome="cancelled_by_client"), 2_000)
+    assert not await store.report("cut-1", dataclasses.replace(cut, completion_tokens=99), 3_000)  # redelivered
+    assert await store.report("late", record("late"), 9_000)  # its reports have not settled yet
+    assert await store.record(record("done"), price)
+    assert await store.report("done", record("done", completion=21), 1_000)  # the edge's record wins
+    assert await store.reconcile(settled_before_ms=5_000) == 1
+    assert await store.reconcile(settled_before_ms=5_000) == 0  # idempotent (replicas may all run it)
+    got = await store.get("cut")
+    assert (got.prompt_tokens, got.completion_tokens, got.outcome) == (20, 11, "interrupted")
+    [bucket] = await store.usage("organization", "acme", 0, 2**62)
+    assert (bucket.requests, bucket.completion_tokens) == (2, 31) and bucket.cost_micros == cost_micros(10, 20, price)
+    # The edge's record arriving late replaces the reconstruction; a second copy changes nothing.
+    assert await store.record(dataclasses.replace(record("cut", prompt=20, completion=9), outcome="cancelled_by_client"), price)
+    assert not await store.record(record("cut", prompt=1, completion=1), price)
+    got = await store.get("cut")
+    assert (got.completion_tokens, got.outcome) == (9, "cancelled_by_client")
+
+
 async def test_a_duplicated_delivery_does_not_double_count(billing, auth):
     stamp = Timestamp(seconds=1_795_000_000)
     message = pb.UsageRecord(request_id=f"dup-{uuid.uuid4().hex}", key_id="k", organization="dup-org", model=MODEL,
@@ -68,7 +95,7 @@ async def test_a_duplicated_delivery_does_not_double_count(billing, auth):
                              started_at=stamp, ended_at=stamp)
     async with grpc.aio.insecure_channel(billing.address) as channel:
         stub = BillingServiceStub(channel)
-        metadata = (("authorization", f"Bearer {service_token(auth, admin=True)}"),)
+        metadata = (("authorization", f"Bearer {service_token(auth, USAGE_READ, ALL_ORGANIZATIONS)}"),)
         first = await stub.RecordUsage(pb.RecordUsageRequest(record=message), metadata=metadata)
         again = await stub.RecordUsage(pb.RecordUsageRequest(record=message), metadata=metadata)
         usage = await stub.GetUsage(pb.GetUsageRequest(organization="dup-org"), metadata=metadata)

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from edge.billing import UsageOutbox, deliver_forever
+from cloudach.outbox import UsageOutbox, deliver_forever
 
 
 @pytest.mark.parametrize("yields", range(4))

@@ -10,7 +10,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cloudach.billing.v1 import billing_pb2 as pb
-from edge.billing import MAX_ATTEMPTS, UsageOutbox, deliver_forever, watch_depth
+from cloudach.outbox import MAX_ATTEMPTS, UsageOutbox, deliver_forever, watch_depth
 
 
 class Identity:

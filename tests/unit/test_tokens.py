@@ -10,14 +10,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloudach import tokens
 from cloudach.errors import Unauthenticated
-from cloudach.tokens import TokenSigner, TokenVerifier, VerifierSettings
+from cloudach.tokens import INFERENCE, INFERENCE_AUDIENCE as AUD, TokenSigner, TokenVerifier, VerifierSettings
 
 
 def signed_at(signer: TokenSigner, offset_s: float, monkeypatch) -> str:
     """A token signed by a host whose clock is offset_s ahead of ours."""
     real = time.time
     monkeypatch.setattr(tokens.time, "time", lambda: real() + offset_s)
-    token = signer.sign("key_1", {"org": "o"})[0]
+    token = signer.sign("key_1", {"org": "o"}, AUD, (INFERENCE,))[0]
     monkeypatch.setattr(tokens.time, "time", real)
     return token
 
@@ -32,10 +32,10 @@ async def test_clocks_apart_by_less_than_the_leeway_still_agree(monkeypatch, off
     verifier = TokenVerifier(jwks, settings=VerifierSettings(leeway_s=30, jwks_max_age_s=300))
     token = signed_at(signer, offset_s, monkeypatch)  # ahead: issued "in the future"; behind: expired
     if accepted:
-        assert (await verifier.verify(token))["sub"] == "key_1"
+        assert (await verifier.verify(token, AUD))["sub"] == "key_1"
     else:
         with pytest.raises(Unauthenticated):
-            await verifier.verify(token)
+            await verifier.verify(token, AUD)
 
 
 async def test_a_withdrawn_signing_key_stops_being_trusted_after_the_max_age():
@@ -46,14 +46,14 @@ async def test_a_withdrawn_signing_key_stops_being_trusted_after_the_max_age():
         return {"keys": [k for s in published for k in s.jwks()["keys"]]}
 
     verifier = TokenVerifier(jwks, min_refetch_s=0, settings=VerifierSettings(leeway_s=0, jwks_max_age_s=0.2))
-    token = old.sign("key_1", {})[0]
-    assert await verifier.verify(token)
+    token = old.sign("key_1", {}, AUD, (INFERENCE,))[0]
+    assert await verifier.verify(token, AUD)
     published[:] = [new]  # auth_svc rotated and withdrew the old key
-    assert await verifier.verify(token)  # still within the copy's max age
+    assert await verifier.verify(token, AUD)  # still within the copy's max age
     await asyncio.sleep(0.3)
     with pytest.raises(Unauthenticated):
-        await verifier.verify(token)
-    assert await verifier.verify(new.sign("key_1", {})[0])
+        await verifier.verify(token, AUD)
+    assert await verifier.verify(new.sign("key_1", {}, AUD, (INFERENCE,))[0], AUD)
 
 
 async def test_calls_arriving_during_the_first_fetch_wait_for_it_instead_of_failing():
@@ -67,6 +67,20 @@ async def test_calls_arriving_during_the_first_fetch_wait_for_it_instead_of_fail
         return signer.jwks()
 
     verifier = TokenVerifier(slow_jwks, settings=VerifierSettings(leeway_s=0, jwks_max_age_s=300))
-    token = signer.sign("key_1", {})[0]
-    claims = await asyncio.gather(*(verifier.verify(token) for _ in range(20)))
+    token = signer.sign("key_1", {}, AUD, (INFERENCE,))[0]
+    claims = await asyncio.gather(*(verifier.verify(token, AUD) for _ in range(20)))
     assert all(c["sub"] == "key_1" for c in claims) and fetches == 1
+
+
+async def test_a_token_is_good_for_its_own_audience_only():
+    signer = TokenSigner(Ed25519PrivateKey.generate(), 300)
+
+    async def jwks():
+        return signer.jwks()
+
+    verifier = TokenVerifier(jwks)
+    token = signer.sign("key_1", {"org": "o"}, tokens.INFERENCE_AUDIENCE, (tokens.INFERENCE,))[0]
+    assert (await verifier.verify(token, tokens.INFERENCE_AUDIENCE))["scope"] == "inference"
+    for elsewhere in (tokens.BILLING_AUDIENCE, tokens.AUTH_AUDIENCE):
+        with pytest.raises(Unauthenticated):
+            await verifier.verify(token, elsewhere)

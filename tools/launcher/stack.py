@@ -33,9 +33,10 @@ PORT_USERS = {
 }
 
 
-def dev_api_key(state_dir: pathlib.Path) -> pathlib.Path:
-    """The local stack's API key, made once and kept in a file only its owner can read."""
-    path = state_dir / "dev-api-key"
+def dev_api_key(state_dir: pathlib.Path, name: str = "dev-api-key") -> pathlib.Path:
+    """The local stack's API key (or a service's key: name), made once and kept in a file only
+    its owner can read."""
+    path = state_dir / name
     if not path.exists():
         path.touch(mode=0o600)
         path.write_text(new_api_key() + "\n")
@@ -66,6 +67,8 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     data = (state_dir / "data").resolve()
     data.mkdir(parents=True, exist_ok=True)
     key_file = dev_api_key(state_dir).resolve()
+    # The services' own identities: service keys, good for reporting usage and nothing else.
+    edge_key, inference_key = (dev_api_key(state_dir, f"{name}-service-key").resolve() for name in ("edge", "inference"))
     # Triton keeps the ports it first got across restarts, so inference_svc finds it again. None
     # of the stack's own ports: those are free now, but their servers start after Triton.
     triton_http, triton_grpc, triton_metrics = free_ports(3, avoid=settings.ports().values())
@@ -87,6 +90,7 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
             "CLOUDACH_AUTH_SIGNING_KEY_FILE": str(data / d.AUTH_SIGNING_KEY),
             # the dev key becomes an admin key, so `cloudach keys` works against the local stack
             "CLOUDACH_AUTH_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file),
+            "CLOUDACH_AUTH_BOOTSTRAP_SERVICE_KEY_FILES": f"{edge_key},{inference_key}",
         }, logs),
         python_service("billing_svc", billing, ("grpc", billing), {
             **env, "CLOUDACH_BILLING_LISTEN": billing, "CLOUDACH_AUTH_TARGET": auth,
@@ -96,13 +100,14 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
         python_service("inference_svc", inference, ("grpc", inference), {
             **env, "CLOUDACH_TRITON_URLS": f"{d.HOST}:{triton_grpc}", "CLOUDACH_INFERENCE_LISTEN": inference,
             "CLOUDACH_INFERENCE_METRICS_PORT": str(settings.inference_metrics_port), "CLOUDACH_AUTH_TARGET": auth,
+            "CLOUDACH_INFERENCE_BILLING_TARGET": billing, "CLOUDACH_INFERENCE_OUTBOX_PATH": str(data / d.INFERENCE_OUTBOX),
+            "CLOUDACH_INFERENCE_SERVICE_KEY_FILE": str(inference_key),
         }, logs),
         python_service("edge", f"{edge_url}/v1", ("http", f"{edge_url}/ready"), {
             **env, "CLOUDACH_PORT": str(settings.port), "CLOUDACH_EDGE_METRICS_PORT": str(settings.edge_metrics_port),
             "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
             "CLOUDACH_EDGE_OUTBOX_PATH": str(data / d.EDGE_OUTBOX),
-            # the local stack's edge reports usage with the dev (admin) key's tokens
-            "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(key_file),
+            "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key),
         }, logs),
     ]
 

@@ -1,9 +1,11 @@
-"""Usage records leave the edge through a durable outbox, off the response path.
+"""Usage records leave a service through a durable outbox, off the response path.
 
-Each request that reached inference is written to a local SQLite outbox (WAL, synchronous
-writes) as it ends, whatever the outcome. A background task delivers records to billing_svc,
-oldest first, deleting each once acknowledged; RecordUsage is idempotent by request id, so a
-record delivered twice (the edge died between delivery and deletion) is still counted once.
+The edge writes each request that reached inference to a local SQLite outbox (WAL, synchronous
+writes) as it ends, whatever the outcome; inference_svc writes its own report of each generation
+it ran for the edge (the backstop that bills a stream the edge's crash cut: billing_svc.ledger).
+A background task delivers records to billing_svc, oldest first, deleting each once
+acknowledged; RecordUsage is idempotent (by request id, a report by generation id), so a record
+delivered twice (the sender died between delivery and deletion) is still counted once.
 While billing_svc is unreachable, records wait with exponential backoff, across restarts. The
 deliverer never stops for an error: whatever fails (the outbox's database, a token, a call) is
 logged and retried after a backoff; a record that cannot be read, or that billing_svc keeps
@@ -19,6 +21,7 @@ import logging
 import pathlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import propagate, trace
@@ -70,10 +73,13 @@ class UsageOutbox:
         await self._db.migrate("edge_outbox", MIGRATIONS)
 
     async def add(self, record: pb.UsageRecord, traceparent: str = "") -> None:
+        """Keeps the record until delivered; a second one with its id (a report's: its generation
+        id) is ignored."""
         await self._db.execute(
             "INSERT INTO outbox (request_id, record, created_at_ms, traceparent) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (request_id) DO NOTHING",
-            (record.request_id, record.SerializeToString(), int(time.time() * 1000), traceparent),
+            (record.generation_id or record.request_id, record.SerializeToString(), int(time.time() * 1000),
+             traceparent),
         )
 
     async def pending(self, limit: int, on_set_aside=None) -> list[tuple[int, pb.UsageRecord, str]]:
@@ -113,7 +119,7 @@ class UsageOutbox:
 
 
 class ServiceToken:
-    """The edge's own internal token, from its service key, renewed a minute before it expires."""
+    """A service's own internal token, from its service key, renewed a minute before it expires."""
 
     def __init__(self, auth: AuthServiceStub, key: str) -> None:
         self._auth = auth
@@ -196,7 +202,7 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
 
     Without an identity (no service key) records are kept and nothing is delivered."""
     if identity is None:
-        log.warning("usage records are kept in the outbox, not delivered: no service key (CLOUDACH_EDGE_SERVICE_KEY_FILE)")
+        log.warning("usage records are kept in the outbox, not delivered: no service key configured")
     backoff = 0.2
     counted = set_aside_counter.inc if set_aside_counter is not None else None
     while True:
@@ -225,3 +231,29 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
             log.warning("usage delivery paused %.1fs: %s", backoff, reason)
             await asyncio.sleep(backoff)
             backoff = min(max_backoff_s, backoff * 2)
+
+
+@contextlib.asynccontextmanager
+async def delivering(path: str, billing: BillingServiceStub, identity: ServiceToken | None, max_backoff_s: float,
+                     depth_every_s: float, depth_gauge, set_aside_counter) -> AsyncIterator[tuple[UsageOutbox, asyncio.Event]]:
+    """An open outbox at path, delivered to billing_svc while the block runs; yields it and the
+    event that wakes the deliverer when a record is added. What is not delivered when the block
+    ends stays in the outbox for the next start."""
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    outbox = UsageOutbox(path)
+    await outbox.open()
+    wake = asyncio.Event()
+    tasks = [
+        asyncio.create_task(deliver_forever(outbox, billing, identity, wake, max_backoff_s,
+                                            set_aside_counter=set_aside_counter)),
+        asyncio.create_task(watch_depth(outbox, depth_gauge, depth_every_s)),
+    ]
+    try:
+        yield outbox, wake
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await outbox.close()
