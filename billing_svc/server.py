@@ -18,7 +18,7 @@ from billing_svc.store import UsageStore
 from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc
 from cloudach.db import Database
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
-from cloudach.rpc.client import insecure_channel
+from cloudach.rpc.client import service_channel
 from cloudach.telemetry import client_interceptors
 from cloudach.rpc.server import RunningService, run_service, start_grpc_server
 from cloudach.tokens import BILLING_AUDIENCE, TokenVerifier
@@ -43,7 +43,7 @@ async def running_billing(config: BillingConfig, verifier: TokenVerifier | None 
         store = UsageStore(db)
         await store.migrate()
         if verifier is None:
-            channel = await stack.enter_async_context(insecure_channel(config.auth_target, client_interceptors()))
+            channel = await stack.enter_async_context(service_channel(config.auth_target, client_interceptors()))
             verifier = TokenVerifier(auth_jwks_fetcher(channel))
         registry = CollectorRegistry()
         server = await start_grpc_server(

@@ -13,7 +13,7 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.outbox import ServiceToken, delivering
-from cloudach.rpc.client import insecure_channel
+from cloudach.rpc.client import service_channel
 from cloudach.telemetry import client_interceptors
 from edge import chat, completions, health, models, openapi, usage
 from edge.admission import Admission
@@ -33,7 +33,7 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
     async with contextlib.AsyncExitStack() as stack:
-        opened = [await stack.enter_async_context(insecure_channel(target, client_interceptors(), config.grpc_keepalive_s))
+        opened = [await stack.enter_async_context(service_channel(target, client_interceptors(), config.grpc_keepalive_s))
                   for target in (config.inference_target, config.auth_target, config.billing_target)]
         inference, auth, billing = opened
         state.inference = InferenceServiceStub(inference)

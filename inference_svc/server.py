@@ -16,7 +16,7 @@ from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from cloudach.outbox import ServiceToken, delivering
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
-from cloudach.rpc.client import insecure_channel
+from cloudach.rpc.client import service_channel
 from cloudach.telemetry import client_interceptors
 from cloudach.rpc.server import GrpcServer, RunningService, start_grpc_server, run_service
 from cloudach.tokens import INFERENCE_AUDIENCE, TokenVerifier
@@ -52,7 +52,7 @@ async def _watch_health(server: GrpcServer, registry: ModelRegistry, engine: Eng
 async def _reporting(stack: contextlib.AsyncExitStack, config: InferenceConfig, auth_channel,
                      measures: InferenceMetrics) -> Report:
     """Generation reports through a durable outbox delivered to billing_svc, for the stack's life."""
-    billing = await stack.enter_async_context(insecure_channel(config.billing_target, client_interceptors()))
+    billing = await stack.enter_async_context(service_channel(config.billing_target, client_interceptors()))
     identity = None
     if config.service_key_file:
         identity = ServiceToken(AuthServiceStub(auth_channel), pathlib.Path(config.service_key_file).read_text().strip())
@@ -75,7 +75,7 @@ async def running_inference(
     registry = registry or load_registry(config.models_file)
     engine = engine or TritonEngine(config.triton_urls, config.token_timeout_s, {s.id: s.engine for s in registry})
     async with contextlib.AsyncExitStack() as stack:
-        auth_channel = await stack.enter_async_context(insecure_channel(config.auth_target, client_interceptors()))
+        auth_channel = await stack.enter_async_context(service_channel(config.auth_target, client_interceptors()))
         if verifier is None:
             verifier = TokenVerifier(auth_jwks_fetcher(auth_channel))
         metrics = CollectorRegistry()

@@ -14,6 +14,7 @@ import grpc
 from cloudach import defaults
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
+from cloudach.rpc.client import service_channel
 from cloudach.rpc.errors import error_from_rpc
 from tools.client import api_key, table, token_metadata
 from tools.settings import ClientSettings
@@ -68,7 +69,7 @@ def _table(rows: list[dict]) -> str:
 
 async def _run(args: argparse.Namespace, client: ClientSettings) -> int:
     key = api_key(client, args.admin_key_file)
-    async with grpc.aio.insecure_channel(args.auth_target) as channel:
+    async with service_channel(args.auth_target) as channel:
         stub = AuthServiceStub(channel)
         try:
             metadata = await token_metadata(stub, key, admin=True)

@@ -1,5 +1,5 @@
 """`cloudach status`: each service of the local stack (up, ready, pid, restarts, address) and the
-depth of the edge's usage outbox."""
+depth of the edge's usage outbox and inference_svc's report outbox."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ def run(args: argparse.Namespace, client: ClientSettings) -> int:
         shown = "starting" if state is None and alive(service.get("pid")) else describe(state)
         print(f"{service['name']:14} {shown:14} {service.get('pid') or '-':>8} {service.get('restarts', '-'):>8}"
               f"  {service['address']}")
-    outbox = pathlib.Path(client.outbox_path or args.state_dir / "data" / defaults.EDGE_OUTBOX)
-    count = queued_records(outbox)
-    depth = "none yet" if count is None else f"{count} queued"
-    print(f"{'usage outbox':14} {depth:14} {'':>8} {'':>8}  {outbox}")
+    outboxes = (("usage outbox", pathlib.Path(client.outbox_path or args.state_dir / "data" / defaults.EDGE_OUTBOX)),
+                ("report outbox", args.state_dir / "data" / defaults.INFERENCE_OUTBOX))  # inference_svc's
+    for name, outbox in outboxes:
+        count = queued_records(outbox)
+        depth = "none yet" if count is None else f"{count} queued"
+        print(f"{name:14} {depth:14} {'':>8} {'':>8}  {outbox}")
     return 0

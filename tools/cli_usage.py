@@ -15,6 +15,7 @@ from cloudach import defaults
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
+from cloudach.rpc.client import service_channel
 from cloudach.rpc.errors import error_from_rpc
 from edge.usage import usage_json  # the very JSON the HTTP API returns
 from tools.client import api_key, table, token_metadata
@@ -43,7 +44,7 @@ async def _usage(args: argparse.Namespace, client: ClientSettings) -> int:
     if args.end is not None:
         query.end_time.CopyFrom(Timestamp(seconds=args.end))
     key = api_key(client, args.key_file)
-    async with grpc.aio.insecure_channel(args.auth_target) as auth, grpc.aio.insecure_channel(args.billing_target) as billing:
+    async with service_channel(args.auth_target) as auth, service_channel(args.billing_target) as billing:
         try:
             metadata = await token_metadata(AuthServiceStub(auth), key)
             reply = await BillingServiceStub(billing).GetUsage(query, metadata=metadata, timeout=10)

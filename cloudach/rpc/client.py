@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from cloudach.rpc.tls import TlsSettings
+
 MetadataSource = Callable[[], Iterable[tuple[str, str]]]
 
 
@@ -56,6 +58,13 @@ def keepalive_options(every_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
     ]
 
 
-def insecure_channel(target: str, interceptors=(), keepalive_s: float = KEEPALIVE_S) -> grpc.aio.Channel:
-    """The channel one service keeps to another: keepalive on, with the given interceptors."""
-    return grpc.aio.insecure_channel(target, options=keepalive_options(keepalive_s), interceptors=list(interceptors))
+def service_channel(target: str, interceptors=(), keepalive_s: float = KEEPALIVE_S,
+                    tls: TlsSettings | None = None) -> grpc.aio.Channel:
+    """The channel one service keeps to another: keepalive on, with the given interceptors, and
+    mutual TLS when it is configured (tls: by default from the environment)."""
+    tls = tls if tls is not None else TlsSettings.from_env()
+    options = keepalive_options(keepalive_s)
+    if tls.enabled:
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options + tls.channel_options(),
+                                       interceptors=list(interceptors))
+    return grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors))

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cloudach.metrics import RpcObservability, serve_metrics
 from cloudach.rpc.errors import ErrorInterceptor
+from cloudach.rpc.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ async def start_grpc_server(
     options: Sequence[tuple[str, object]] = (),
     serving: bool = True,
     metrics: tuple[str, CollectorRegistry, int | None] | None = None,
+    tls: TlsSettings | None = None,
 ) -> GrpcServer:
     """Starts a server on address ("host:0" picks a free port) with register()'s services.
 
@@ -92,7 +94,8 @@ async def start_grpc_server(
     reflection.enable_server_reflection(
         [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    tls = tls if tls is not None else TlsSettings.from_env()
+    port = server.add_secure_port(address, tls.server_credentials()) if tls.enabled else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()

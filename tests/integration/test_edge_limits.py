@@ -22,7 +22,7 @@ from auth_svc.store import Limits
 from tools.launcher.ports import free_ports
 from tools.launcher.probes import wait_http_ok
 from inference_svc.server import running_inference
-from tests.integration.services import API_KEY, MODEL, auth_config, edge_over_fake, inference_config, running_edge
+from tests.integration.services import API_KEY, MODEL, SERVICE_KEY, auth_config, edge_over_fake, inference_config, running_edge
 from tests.fakes import FakeEngine
 
 REDIS = os.environ.get("CLOUDACH_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -56,7 +56,9 @@ async def test_missing_malformed_unknown_and_revoked_keys_are_401(registry, auth
         async with aiohttp.ClientSession() as session:
             results = {}
             for name, header in {"missing": None, "not bearer": f"Basic {API_KEY}", "empty": "Bearer ",
-                                 "unknown": "Bearer ck-" + "x" * 43, "revoked": f"Bearer {revoked_key}"}.items():
+                                 "unknown": "Bearer ck-" + "x" * 43, "revoked": f"Bearer {revoked_key}",
+                                 # a service's identity is not an API key (it may only report usage)
+                                 "service key": f"Bearer {SERVICE_KEY}"}.items():
                 headers = {"Authorization": header} if header else {}
                 async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers) as r:
                     results[name] = (r.status, json.loads(await r.read())["error"]["code"])

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloudach.rpc.tls import TlsSettings
+
 Probe = Callable[[], "bool | None"]
 #: ("grpc", address) or ("http", url, ...): a probe that can be written down (the launcher's state file)
 ProbeSpec = tuple[str, ...]
@@ -22,7 +24,10 @@ ProbeSpec = tuple[str, ...]
 
 def grpc_ready(address: str, timeout_s: float = 1.0) -> bool | None:
     try:
-        with grpc.insecure_channel(address) as channel:
+        tls = TlsSettings.from_env()
+        channel = (grpc.secure_channel(address, tls.channel_credentials(), options=tls.channel_options())
+                   if tls.enabled else grpc.insecure_channel(address))
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
     except grpc.RpcError:
         return None
