@@ -126,7 +126,14 @@ class UsageStore:
 
     async def reconcile(self, settled_before_ms: int) -> int:
         """Puts in the ledger, as `interrupted` at price zero, every request whose reports all came
-        before settled_before_ms and that the edge has not reported; returns how many."""
+        before settled_before_ms and that the edge has not reported; returns how many. Reports of
+        requests the ledger holds are dropped once settled, so the table keeps about a settling
+        time of traffic (an edge record that comes later needs no report to replace a row)."""
+        await self._db.execute(
+            "DELETE FROM generation_reports WHERE received_at_ms < ? AND EXISTS "
+            "(SELECT 1 FROM usage_records u WHERE u.request_id = generation_reports.request_id)",
+            (settled_before_ms,),
+        )
         groups = await self._db.fetchall(
             "SELECT request_id, MIN(key_id), MIN(organization), MIN(model), SUM(prompt_tokens), SUM(completion_tokens), "
             "MIN(started_at_ms), MAX(ended_at_ms) FROM generation_reports r "

@@ -1,4 +1,4 @@
-"""GET /v1/usage: billed usage of an organization or a key, for dashboards (admin keys; others
+"""GET /v1/usage: billed usage of an organization or a key, for dashboards (platform admins; others
 may read their own organization's)."""
 
 from __future__ import annotations

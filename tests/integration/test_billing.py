@@ -77,6 +77,8 @@ async def test_a_request_only_inference_reported_is_reconstructed_and_the_edges_
     assert await store.report("done", record("done", completion=21), 1_000)  # the edge's record wins
     assert await store.reconcile(settled_before_ms=5_000) == 1
     assert await store.reconcile(settled_before_ms=5_000) == 0  # idempotent (replicas may all run it)
+    # Settled reports of requests in the ledger are dropped; the unsettled one waits.
+    assert await database.fetchall("SELECT generation_id FROM generation_reports") == [("late",)]
     got = await store.get("cut")
     assert (got.prompt_tokens, got.completion_tokens, got.outcome) == (20, 11, "interrupted")
     [bucket] = await store.usage("organization", "acme", 0, 2**62)
