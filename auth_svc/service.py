@@ -125,6 +125,8 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             raise NotFound(f"no API key {request.key_id}", param="key_id") from None
         if not everywhere and target.organization != admin_org:
             raise NotFound(f"no API key {request.key_id}", param="key_id")  # another organization's: not told
+        if not everywhere and target.role not in roles.ORG_ADMIN_MAY_CREATE:
+            raise PermissionDenied(f"only a platform admin may revoke a {target.role} key", code="admin_required")
         key = await self._store.revoke(request.key_id)
         log.info("revoked API key %s by %s", key.key_id, require(KEYS_ADMIN)["sub"])
         return pb.RevokeApiKeyResponse(key=key_info(key))

@@ -130,6 +130,10 @@ class ServiceToken:
     async def metadata(self) -> tuple[tuple[str, str], ...]:
         if time.time() >= self._renew_at:
             reply = await self._auth.Authenticate(auth_pb2.AuthenticateRequest(api_key=self._key), timeout=5)
+            if reply.principal.role != auth_pb2.KEY_ROLE_SERVICE:
+                # Its tokens could never record usage: say so, every round, instead of stalling quietly.
+                raise PermissionDenied(f"the service key ({reply.principal.key_id}) is not a service key: create one "
+                                       "with `cloudach keys create --role service` and point the service at it")
             self._token = reply.token
             self._renew_at = reply.token_expires_at.seconds - 60
         return (("authorization", f"Bearer {self._token}"),)

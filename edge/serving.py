@@ -78,9 +78,11 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
             merged = None
             try:
                 # The calls run at once; their first events are read in turn (a refusal raises).
-                prompts = [await _accepted(call) for call in calls]
-                tally.prompt_tokens = sum(prompts)
-                tally.accepted = True
+                for call in calls:
+                    tally.prompt_tokens += await _accepted(call)
+                    # From the first acceptance on, the request is recorded whatever happens next
+                    # (a later prompt refused: failed, at zero), as inference_svc reports it too.
+                    tally.accepted = True
                 request[MODEL] = job.model
                 events = calls[0] if len(calls) == 1 else (merged := Merged(calls, job.n))
                 if job.stream:
@@ -173,7 +175,6 @@ def _usage_attributes(job: Job, tally: Tally) -> dict:
 
 async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tally) -> None:
     """Puts the request's usage record in the outbox (once); billing_svc gets it from there."""
-    tally.recorded = True
     started, ended = Timestamp(), Timestamp()
     started.FromMilliseconds(tally.started_at_ms)
     ended.GetCurrentTime()
@@ -190,6 +191,7 @@ async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tal
     except Exception:  # noqa: BLE001 - the one loss we cannot prevent: say it loudly, with what it was
         log.exception("USAGE RECORD NOT STORED: %s", record)
         return
+    tally.recorded = True
     state.outbox_wake.set()
 
 

@@ -98,6 +98,7 @@ async def running_inference(
         finally:
             watcher.cancel()
             await server.stop(config.shutdown_grace_s)
+            await service.reports_written()  # the generations stop cut are reported before the outbox closes
             await engine.close()
 
 

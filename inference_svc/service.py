@@ -57,10 +57,21 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self._report = report
         self._metrics = metrics or InferenceMetrics(CollectorRegistry())
         self._active = 0
+        #: usage reports being written
+        self._reporting: set[asyncio.Task] = set()
 
     @property
     def active_streams(self) -> int:
         return self._active
+
+    async def reports_written(self, timeout_s: float = 10.0) -> None:
+        """Waits (bounded) for the usage reports being written: before the outbox closes at shutdown."""
+        deadline = time.monotonic() + timeout_s
+        while (self._active or self._reporting) and time.monotonic() < deadline:
+            if self._reporting:
+                await asyncio.wait(set(self._reporting), timeout=max(0.0, deadline - time.monotonic()))
+            else:
+                await asyncio.sleep(0.05)  # a generation cancelled by the server's stop is ending
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         claims = require(INFERENCE)
@@ -113,10 +124,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             self._active -= 1
             self._metrics.active.dec()
             if accepted_at_ms and request.usage_id and self._report is not None:
-                # Shielded: a cancelled call (its caller left, or died) is exactly the one to report.
-                await asyncio.shield(self._report(usage_report(
+                # Its own task: the stream ends without waiting for the durable write, and a
+                # cancelled call (its caller left, or died), exactly the one to report, cannot stop it.
+                task = asyncio.create_task(self._report(usage_report(
                     request.usage_id, plan.engine_request.request_id, plan.spec.id, claims, plan.prompt_tokens,
                     outcome.completion_tokens, result, accepted_at_ms)))
+                self._reporting.add(task)
+                task.add_done_callback(self._reporting.discard)
             if plan is not None:
                 self._metrics.output_tokens.labels(plan.spec.id).inc(outcome.completion_tokens)
                 if outcome.time_to_first_token_ns:

@@ -23,6 +23,8 @@ from auth_svc.store import KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.db import Database
+from cloudach.errors import PermissionDenied
+from cloudach.outbox import ServiceToken
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
 from tools.launcher.ports import free_ports
 from cloudach.rpc.auth import auth_jwks_fetcher
@@ -31,7 +33,7 @@ from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.tokens import (AUTH_AUDIENCE, BILLING_AUDIENCE, INFERENCE, INFERENCE_AUDIENCE, ISSUER, TokenSigner,
                              TokenVerifier)
 from inference_svc.server import running_inference
-from tests.integration.services import API_KEY, MODEL, auth_config, inference_config, run_cli
+from tests.integration.services import API_KEY, MODEL, SERVICE_KEY, auth_config, inference_config, run_cli
 from tests.fakes import FakeEngine
 
 
@@ -139,12 +141,14 @@ async def test_tokens_carry_only_what_each_role_may_do(auth, billing, inference)
 async def test_organization_admins_manage_only_their_own_organization(auth):
     _, org_admin = await auth.store.create("umbrella", "its admin", Limits(), role="org_admin")
     other, _ = await auth.store.create("globex", "someone else", Limits())
+    platform, _ = await auth.store.create("umbrella", "ops", Limits(), role="platform_admin")
+    service, _ = await auth.store.create("umbrella", "svc", Limits(), role="service")
     token = (await auth_stub_call(auth, "Authenticate",
                                   pb.AuthenticateRequest(api_key=org_admin, purpose=pb.PURPOSE_ADMIN))).token
     made = await auth_stub_call(auth, "CreateApiKey", pb.CreateApiKeyRequest(name="dev"), token=token)
     assert made.key.organization == "umbrella" and made.key.role == pb.KEY_ROLE_MEMBER
     listed = await auth_stub_call(auth, "ListApiKeys", pb.ListApiKeysRequest(), token=token)
-    assert {k.organization for k in listed.keys} == {"umbrella"} and len(listed.keys) == 2
+    assert {k.organization for k in listed.keys} == {"umbrella"} and len(listed.keys) == 4
     refusals = [
         ("CreateApiKey", pb.CreateApiKeyRequest(organization="globex"), grpc.StatusCode.PERMISSION_DENIED),
         ("CreateApiKey", pb.CreateApiKeyRequest(role=pb.KEY_ROLE_PLATFORM_ADMIN), grpc.StatusCode.PERMISSION_DENIED),
@@ -152,12 +156,21 @@ async def test_organization_admins_manage_only_their_own_organization(auth):
         ("CreateApiKey", pb.CreateApiKeyRequest(role=pb.KEY_ROLE_SERVICE), grpc.StatusCode.PERMISSION_DENIED),
         ("ListApiKeys", pb.ListApiKeysRequest(organization="globex"), grpc.StatusCode.PERMISSION_DENIED),
         ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=other.key_id), grpc.StatusCode.NOT_FOUND),
+        ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=platform.key_id), grpc.StatusCode.PERMISSION_DENIED),
+        ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=service.key_id), grpc.StatusCode.PERMISSION_DENIED),
     ]
     for method, request, code in refusals:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await auth_stub_call(auth, method, request, token=token)
         assert refused.value.code() == code, (method, request)
-    assert (await auth.store.get(other.key_id)).status == "active"
+    assert {(await auth.store.get(k.key_id)).status for k in (other, platform, service)} == {"active"}
+
+
+async def test_a_service_identity_that_is_not_a_service_key_says_so(auth):
+    async with grpc.aio.insecure_channel(auth.address) as channel:
+        with pytest.raises(PermissionDenied, match="not a service key"):
+            await ServiceToken(AuthServiceStub(channel), API_KEY).metadata()  # a platform admin's key
+        assert await ServiceToken(AuthServiceStub(channel), SERVICE_KEY).metadata()
 
 
 @pytest.mark.parametrize("api_key", ["", "ck-short", "sk-" + "a" * 48, "ck-" + "b" * 43])

@@ -29,7 +29,7 @@ def grpc_ready(address: str, timeout_s: float = 1.0) -> bool | None:
                    if tls.enabled else grpc.insecure_channel(address))
         with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-    except grpc.RpcError:
+    except (grpc.RpcError, ValueError, OSError):  # not answering, or TLS settings it cannot use
         return None
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
