@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test bench stubs install clean
+.PHONY: run test bench stubs install clean images
 
 run: $(VENV)/.installed .stubs-stamp
 	$(PY) -m tools up
@@ -19,6 +19,18 @@ bench: $(VENV)/.installed .stubs-stamp
 	$(PY) -m tools bench $(BENCH_ARGS)
 
 install: $(VENV)/.installed
+
+# The container images (deploy/images/), with docker or podman; REGISTRY=host/path also pushes them.
+TAG    ?= 0.1.0
+ENGINE ?= $(shell command -v docker || command -v podman)
+images:
+	@test -n "$(ENGINE)" && $(ENGINE) info >/dev/null 2>&1 || { echo "make images needs a working docker or podman"; exit 1; }
+	for image in services triton-cpu triton-trtllm; do \
+	  $(ENGINE) build -f deploy/images/$$image.Dockerfile -t cloudach/$$image:$(TAG) . || exit 1; \
+	  if [ -n "$(REGISTRY)" ]; then \
+	    $(ENGINE) tag cloudach/$$image:$(TAG) $(REGISTRY)/$$image:$(TAG) && $(ENGINE) push $(REGISTRY)/$$image:$(TAG) || exit 1; \
+	  fi; \
+	done
 
 stubs: .stubs-stamp
 

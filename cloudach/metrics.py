@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -24,8 +25,10 @@ from cloudach.rpc.wrap import wrap_handler
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> int:
-    """Serves /metrics on host:port (0 picks a free port) in a daemon thread; returns the port."""
+def serve_metrics(registry: CollectorRegistry, port: int, host: str | None = None) -> int:
+    """Serves /metrics on host:port (0 picks a free port) in a daemon thread; returns the port.
+    host: by default CLOUDACH_METRICS_HOST, else loopback (in a pod: 0.0.0.0, for Prometheus)."""
+    host = host or os.environ.get("CLOUDACH_METRICS_HOST") or "127.0.0.1"
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server.server_port
 

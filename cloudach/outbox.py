@@ -239,10 +239,12 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
 
 @contextlib.asynccontextmanager
 async def delivering(path: str, billing: BillingServiceStub, identity: ServiceToken | None, max_backoff_s: float,
-                     depth_every_s: float, depth_gauge, set_aside_counter) -> AsyncIterator[tuple[UsageOutbox, asyncio.Event]]:
+                     depth_every_s: float, depth_gauge, set_aside_counter,
+                     flush_s: float = 0.0) -> AsyncIterator[tuple[UsageOutbox, asyncio.Event]]:
     """An open outbox at path, delivered to billing_svc while the block runs; yields it and the
-    event that wakes the deliverer when a record is added. What is not delivered when the block
-    ends stays in the outbox for the next start."""
+    event that wakes the deliverer when a record is added. As the block ends the deliverer gets up
+    to flush_s more to empty it (a pod about to be deleted takes its records with it otherwise);
+    what is still not delivered stays in the outbox for the next start."""
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     outbox = UsageOutbox(path)
     await outbox.open()
@@ -255,6 +257,11 @@ async def delivering(path: str, billing: BillingServiceStub, identity: ServiceTo
     try:
         yield outbox, wake
     finally:
+        deadline = time.monotonic() + flush_s
+        with contextlib.suppress(Exception):
+            while identity is not None and time.monotonic() < deadline and await outbox.pending(1):
+                wake.set()
+                await asyncio.sleep(0.1)
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -55,7 +55,7 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
             identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())
         state.outbox, state.outbox_wake = await stack.enter_async_context(delivering(
             config.outbox_path, state.billing, identity, config.outbox_max_backoff_s, config.outbox_depth_every_s,
-            state.metrics.outbox_depth, state.metrics.outbox_set_aside))
+            state.metrics.outbox_depth, state.metrics.outbox_set_aside, config.outbox_flush_s))
         yield
 
 async def metrics_site(app: web.Application) -> AsyncIterator[None]:

@@ -33,6 +33,8 @@ class EdgeConfig:
     service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")
     #: longest pause between delivery attempts while billing_svc is unreachable
     outbox_max_backoff_s: float = setting(30.0, "CLOUDACH_EDGE_OUTBOX_MAX_BACKOFF_S")
+    #: at shutdown, how long the deliverer may go on emptying the outbox
+    outbox_flush_s: float = setting(10.0, "CLOUDACH_EDGE_OUTBOX_FLUSH_S")
     #: how often the outbox-depth gauge is refreshed
     outbox_depth_every_s: float = setting(5.0, "CLOUDACH_EDGE_OUTBOX_DEPTH_EVERY_S")
     #: Redis shared by the edge replicas for rate limits ("" keeps limits in this process)

@@ -29,6 +29,8 @@ class InferenceConfig:
     outbox_path: str = setting(f"{d.DATA_DIR}/{d.INFERENCE_OUTBOX}", "CLOUDACH_INFERENCE_OUTBOX_PATH")
     #: longest pause between delivery attempts while billing_svc is unreachable
     outbox_max_backoff_s: float = setting(30.0, "CLOUDACH_INFERENCE_OUTBOX_MAX_BACKOFF_S")
+    #: at shutdown, how long the deliverer may go on emptying the outbox
+    outbox_flush_s: float = setting(10.0, "CLOUDACH_INFERENCE_OUTBOX_FLUSH_S")
     #: the model registry (TOML)
     models_file: str = setting(str(REPO_ROOT / "deploy" / "inference" / "models.cpu.toml"), "CLOUDACH_MODELS_FILE")
     #: streams served at once; more are refused with RESOURCE_EXHAUSTED, never queued

@@ -58,7 +58,7 @@ async def _reporting(stack: contextlib.AsyncExitStack, config: InferenceConfig, 
         identity = ServiceToken(AuthServiceStub(auth_channel), pathlib.Path(config.service_key_file).read_text().strip())
     outbox, wake = await stack.enter_async_context(delivering(
         config.outbox_path, BillingServiceStub(billing), identity, config.outbox_max_backoff_s, 5.0,
-        measures.outbox_depth, measures.outbox_set_aside))
+        measures.outbox_depth, measures.outbox_set_aside, config.outbox_flush_s))
     return outbox_report(outbox, wake)
 
 

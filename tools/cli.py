@@ -1,4 +1,4 @@
-"""The `cloudach` command: `up` (what `make run` runs), `status`, `keys`, `usage`, `bench`."""
+"""The `cloudach` command: `up` (what `make run` runs), `status`, `keys`, `usage`, `migrate`, `bench`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pathlib
 import sys
 
 from cloudach import defaults
-from tools import cli_keys, cli_status, cli_usage
+from tools import cli_keys, cli_migrate, cli_status, cli_usage
 from tools.settings import ClientSettings, StackSettings, variable
 
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_status.add_parser(commands)
     cli_keys.add_parser(commands, client)
     cli_usage.add_parser(commands, client)
+    cli_migrate.add_parser(commands)
     from bench import cli as bench_cli
 
     bench_cli.add_parser(commands)
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_keys.run(args, client)
     if args.command == "usage":
         return cli_usage.run(args, client)
+    if args.command == "migrate":
+        return cli_migrate.run(args)
     return bench_cli.run(args)
 
 

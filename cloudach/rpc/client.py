@@ -64,6 +64,10 @@ def service_channel(target: str, interceptors=(), keepalive_s: float = KEEPALIVE
     mutual TLS when it is configured (tls: by default from the environment)."""
     tls = tls if tls is not None else TlsSettings.from_env()
     options = keepalive_options(keepalive_s)
+    if target.startswith("dns:"):
+        # Every address the name resolves to (a headless Service's pods), each call to the next
+        # one: streams spread across replicas instead of pinning to the first connection.
+        options.append(("grpc.lb_policy_name", "round_robin"))
     if tls.enabled:
         return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options + tls.channel_options(),
                                        interceptors=list(interceptors))

@@ -63,6 +63,11 @@ class RunningService:
 KEEPALIVE_SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 0),
+    # Every connection is closed (GOAWAY) after 5 minutes, its streams given up to 11 more to
+    # finish (longer than any request may run): clients then reconnect and re-resolve, so pods
+    # added behind a headless Service get their share of new calls.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 660_000),
 ]
 
 

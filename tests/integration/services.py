@@ -84,7 +84,7 @@ def edge_config(inference_address: str, auth_address: str, **overrides) -> EdgeC
     settings = dict(
         inference_target=inference_address, auth_target=auth_address, billing_target="127.0.0.1:1",
         outbox_path=str(pathlib.Path(tempfile.mkdtemp(prefix="cloudach-outbox-")) / "outbox.db"),
-        service_key_file=str(service_key_file()), outbox_max_backoff_s=0.5, metrics_port=-1,
+        service_key_file=str(service_key_file()), outbox_max_backoff_s=0.5, metrics_port=-1, outbox_flush_s=0,
     )
     return EdgeConfig(**{**settings, **overrides})
 

@@ -139,3 +139,15 @@ async def test_what_the_model_cannot_do_is_refused_naming_the_input(triton, prom
     # And the model keeps serving everyone else.
     fine = await stream_model(triton.grpc_url, prompt("Hi"), "after-bad", request_output_len=4)
     assert fine.error is None and fine.tokens == 4
+
+
+def test_triton_exports_what_its_autoscaling_rule_reads(triton):
+    """deploy/k8s scales Triton on queue time over compute time, from these two of its metrics."""
+    import re
+    import urllib.request
+
+    from tests.unit.test_deploy_k8s import TRITON_AUTOSCALING_INPUTS
+
+    text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
+    for name in TRITON_AUTOSCALING_INPUTS:
+        assert re.search(rf'^{name}\{{[^}}]*model="tensorrt_llm"', text, re.MULTILINE), name

@@ -10,7 +10,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from cloudach.billing.v1 import billing_pb2 as pb
-from cloudach.outbox import MAX_ATTEMPTS, UsageOutbox, deliver_forever, watch_depth
+from cloudach.outbox import MAX_ATTEMPTS, UsageOutbox, deliver_forever, delivering, watch_depth
 
 
 class Identity:
@@ -126,3 +126,13 @@ async def test_the_depth_gauge_ticks_without_the_deliverer(tmp_path):
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await outbox.close()
+
+
+async def test_a_shutdown_gives_the_deliverer_its_flush_time_to_empty_the_outbox(tmp_path):
+    billing = Billing()
+    billing.crashed = True  # no first failure: the flush alone must deliver
+    gauge, counter = Gauge("d", "d", registry=CollectorRegistry()), Counter("s", "s", registry=CollectorRegistry())
+    async with delivering(str(tmp_path / "o.db"), billing, Identity(), 1.0, 5.0, gauge, counter, flush_s=5.0) as (
+            outbox, _wake):
+        await outbox.add(record("last-words"))  # the deliverer is not woken: only the flush sends it
+    assert billing.recorded == ["last-words"]

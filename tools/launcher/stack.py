@@ -55,9 +55,17 @@ def taken_ports(settings: StackSettings) -> list[str]:
     return lines
 
 
+#: the Python services, each run as `python -m <name>` (here, and in the services image)
+PYTHON_SERVICES = ("auth_svc", "billing_svc", "inference_svc", "edge")
+
+
+def service_argv(name: str, python: str = sys.executable) -> list[str]:
+    return [python, "-m", name]
+
+
 def python_service(name: str, address: str, probe: tuple[str, ...], env: dict[str, str], logs: pathlib.Path) -> Child:
     log = logs / f"{name}.log"
-    return Child(name, address, lambda: spawn([sys.executable, "-m", name], log, env), probe, log)
+    return Child(name, address, lambda: spawn(service_argv(name), log, env), probe, log)
 
 
 def stack_children(state_dir: pathlib.Path, settings: StackSettings,

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tools.launcher.ports import free_ports
+from tools.launcher.triton_args import trace_args, triton_argv
 from tools.launcher.probes import http_ready, wait_ready
 from tools.launcher.process import log_tail, proc_state, spawn, stop
 
@@ -86,14 +87,6 @@ class TritonServer:
         stop(self.process, timeout_s=0)
 
 
-#: Triton's gRPC server, by gRPC's default, answers a client's third ping "without data" (one
-#: that comes while the server has sent nothing since the last) with GOAWAY too_many_pings and
-#: closes the connection: every stream on it ends "Stream removed (Socket closed)". A client's
-#: BDP pings on a connection shared by many streams can trip that. Only inference_svc (and our
-#: benchmarks) talk to Triton, so its pings are always welcome.
-PING_POLICY = ("--grpc-keepalive-permit-without-calls=1", "--grpc-http2-max-ping-strikes=0")
-
-
 def model_stubs(group: int) -> list[int]:
     """The live Python-backend stub processes in a Triton's process group (one per model instance)."""
     pids = []
@@ -116,13 +109,10 @@ def stub_died(process: subprocess.Popen) -> str | None:
     return None if model_stubs(process.pid) else "its model's Python stub is gone (Triton does not restart it)"
 
 
-def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
-    """Triton's OpenTelemetry tracing (OTLP over HTTP): its spans join the trace whose traceparent
-    inference_svc sends with each stream. Empty url: tracing off."""
-    if not otlp_traces_url:
-        return []
-    return ["--trace-config", "mode=opentelemetry", "--trace-config", f"opentelemetry,url={otlp_traces_url}",
-            "--trace-config", f"rate={rate}", "--trace-config", "level=TIMESTAMPS"]
+
+
+
+
 
 
 def start_triton(
@@ -139,22 +129,8 @@ def start_triton(
     _install_python_stub(home)
     http_port, grpc_port, metrics_port = ports or free_ports(3)
     path = os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
-    args = [
-        str(home / "bin" / "tritonserver"),
-        f"--model-repository={model_repository}",
-        f"--backend-directory={home / 'backends'}",
-        "--http-address=127.0.0.1",
-        f"--http-port={http_port}",
-        "--grpc-address=127.0.0.1",
-        f"--grpc-port={grpc_port}",
-        "--metrics-address=127.0.0.1",
-        f"--metrics-port={metrics_port}",
-        "--allow-gpu-metrics=false",
-        "--exit-timeout-secs=10",
-        *PING_POLICY,
-        *trace_args(trace_url),
-        *extra_args,
-    ]
+    args = triton_argv(home / "bin" / "tritonserver", home / "backends", model_repository, "127.0.0.1",
+                       (http_port, grpc_port, metrics_port), [*trace_args(trace_url), *extra_args])
     # Its own session keeps our terminal's Ctrl-C from it (the launcher stops it in order);
     # SIGKILL when the launcher dies, as its stubs cannot drain without it anyway.
     process = spawn(args, log_path, {**env, "PATH": path}, own_session=True, death_signal=signal.SIGKILL)
