@@ -17,7 +17,8 @@ class InferenceConfig:
     listen_address: str = setting(d.address(d.INFERENCE_PORT), "CLOUDACH_INFERENCE_LISTEN")
     #: Prometheus metrics on 127.0.0.1:this port (0: a free port; -1: not served)
     metrics_port: int = setting(d.INFERENCE_METRICS_PORT, "CLOUDACH_INFERENCE_METRICS_PORT")
-    #: Triton gRPC endpoints, comma-separated; each stream goes to the least busy one
+    #: Triton gRPC endpoints, comma-separated (host:port, or dns:///name:port for every address a name
+    #: resolves to, followed as they change); each stream goes to the least busy ready one
     triton_urls: tuple[str, ...] = setting(("127.0.0.1:8001",), "CLOUDACH_TRITON_URLS")
     #: auth_svc, whose published keys verify the callers' tokens
     auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")

@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from cloudach.errors import CloudachError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from inference_svc.engine import EngineRequest, Step
+from inference_svc.triton_endpoints import Endpoint, Endpoints
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("cloudach.inference_svc")
@@ -180,35 +181,37 @@ CHANNEL_ARGS = _channel_args()
 
 
 class TritonEngine:
-    """Streams generations from one or more Triton servers (the least busy one per request)."""
+    """Streams generations from one or more Triton servers (the least busy ready one per request)."""
 
-    def __init__(self, urls: Sequence[str], token_timeout_s: float, models: Mapping[str, Mapping[str, Any]]) -> None:
-        """models: each registry model's `[models.engine]` table, by model id."""
+    def __init__(self, urls: Sequence[str], token_timeout_s: float, models: Mapping[str, Mapping[str, Any]],
+                 endpoints: Endpoints | None = None) -> None:
+        """models: each registry model's `[models.engine]` table, by model id; urls: fixed
+        `host:port`s and `dns:///name:port`s (inference_svc.triton_endpoints)."""
         if not urls:
             raise ValueError("at least one Triton URL is required")
         self._models = {model_id: TritonModel.from_table(model_id, table) for model_id, table in models.items()}
-        self._urls = list(urls)
-        self._clients = [triton.InferenceServerClient(url, channel_args=CHANNEL_ARGS) for url in urls]
-        self._in_flight = [0] * len(urls)
+        self._endpoints = endpoints or Endpoints(urls, CHANNEL_ARGS)
         self._token_timeout_s = token_timeout_s
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         # Fail over to the next server only while nothing has been generated: after that a
         # retry would repeat text the caller has already seen.
-        order = sorted(range(len(self._clients)), key=self._in_flight.__getitem__)
-        for attempt, index in enumerate(order):
+        order = await self._endpoints.usable()
+        if not order:
+            raise Unavailable("no Triton server is ready")
+        for attempt, endpoint in enumerate(order):
             started = False
             try:
-                async for step in self._stream(index, request):
+                async for step in self._stream(endpoint, request):
                     started = True
                     yield step
                 return
             except Unavailable:
                 if started or attempt == len(order) - 1:
                     raise
-                log.warning("triton endpoint %d unavailable, trying the next one", index)
+                log.warning("triton endpoint %s unavailable, trying the next one", endpoint.url)
 
-    async def _stream(self, index: int, request: EngineRequest) -> AsyncIterator[Step]:
+    async def _stream(self, endpoint: Endpoint, request: EngineRequest) -> AsyncIterator[Step]:
         finished = asyncio.Event()
         model = self._models[request.model]
 
@@ -224,13 +227,13 @@ class TritonEngine:
         span = tracer.start_span(
             "triton ModelStreamInfer", context=propagate.extract(request.trace_headers), kind=trace.SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
-                        "rpc.method": "ModelStreamInfer", "server.address": self._urls[index],
+                        "rpc.method": "ModelStreamInfer", "server.address": endpoint.url,
                         "cloudach.triton.model": model.name, "cloudach.request_id": request.request_id},
         )
         headers: dict[str, str] = {}
         propagate.inject(headers, context=trace.set_span_in_context(span))
-        self._in_flight[index] += 1
-        responses = self._clients[index].stream_infer(inputs_iterator=requests(), headers=headers)
+        endpoint.in_flight += 1
+        responses = endpoint.client.stream_infer(inputs_iterator=requests(), headers=headers)
         try:
             while True:
                 try:
@@ -257,20 +260,20 @@ class TritonEngine:
             raise
         finally:
             finished.set()
-            self._in_flight[index] -= 1
+            endpoint.in_flight -= 1
+            self._endpoints.released(endpoint)
             responses.cancel()  # no-op after a clean end; cancels the request in the model otherwise
             span.end()
 
     async def model_ready(self, model: str) -> bool:
         name = self._models[model].name
-        for client in self._clients:
+        for endpoint in await self._endpoints.usable():
             try:
-                if await client.is_model_ready(name, client_timeout=2):
+                if await endpoint.client.is_model_ready(name, client_timeout=2):
                     return True
             except (InferenceServerException, grpc.aio.AioRpcError):
                 continue
         return False
 
     async def close(self) -> None:
-        for client in self._clients:
-            await client.close()
+        await self._endpoints.close()

@@ -44,12 +44,18 @@ class StackSettings:
     billing_metrics_port: int = setting(d.BILLING_METRICS_PORT, "CLOUDACH_BILLING_METRICS_PORT")
     #: Triton's own OpenTelemetry traces go to this OTLP/HTTP URL ("": off)
     triton_trace_url: str = setting("", "CLOUDACH_TRITON_TRACE_URL")
+    #: how many of each process (Tritons too) run, as a cluster's replicas would
+    replicas: int = setting(1, "CLOUDACH_REPLICAS")
+    #: PostgreSQL shared by auth_svc and billing_svc ("": SQLite files in the state directory)
+    database_url: str = setting("", "CLOUDACH_DATABASE_URL")
+    #: Redis shared by the edges for rate limits ("": each edge limits in its own process)
+    redis_url: str = setting("", "CLOUDACH_STACK_REDIS_URL")
 
     @classmethod
     def from_env(cls) -> StackSettings:
         return from_env(cls)
 
-    def with_options(self, **options: int | None) -> StackSettings:
+    def with_options(self, **options: int | str | None) -> StackSettings:
         """These settings with the command line's options that were given."""
         return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
 

@@ -7,6 +7,7 @@ behave exactly as they would without the interceptor.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -58,16 +59,30 @@ def keepalive_options(every_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
     ]
 
 
+#: round robin over every address; an inference call that fails UNAVAILABLE before its first
+#: message (a replica that died or is draining) is retried on another: gRPC retries a stream only
+#: until a response has arrived, so failover never repeats text a caller has seen
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "cloudach.inference.v1.InferenceService"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
 def service_channel(target: str, interceptors=(), keepalive_s: float = KEEPALIVE_S,
                     tls: TlsSettings | None = None) -> grpc.aio.Channel:
     """The channel one service keeps to another: keepalive on, with the given interceptors, and
     mutual TLS when it is configured (tls: by default from the environment)."""
     tls = tls if tls is not None else TlsSettings.from_env()
     options = keepalive_options(keepalive_s)
-    if target.startswith("dns:"):
-        # Every address the name resolves to (a headless Service's pods), each call to the next
-        # one: streams spread across replicas instead of pinning to the first connection.
-        options.append(("grpc.lb_policy_name", "round_robin"))
+    if target.startswith(("dns:", "ipv4:", "ipv6:")):
+        # Every address the name resolves to (a headless Service's pods) or the list names (the
+        # local stack's replicas), each call to the next one: streams spread across replicas
+        # instead of pinning to the first connection.
+        options.append(("grpc.service_config", SERVICE_CONFIG))
     if tls.enabled:
         return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options + tls.channel_options(),
                                        interceptors=list(interceptors))

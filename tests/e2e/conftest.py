@@ -98,16 +98,17 @@ class Stack:
         return next(word for word in made.stdout.split() if word.startswith("ck-"))
 
 
-def launch_stack(tmp_path_factory, env: dict[str, str] | None = None):
-    """`cloudach up` on free ports and a fresh state directory, env added to its environment;
-    yields the Stack, then stops it and checks it stopped cleanly."""
+def launch_stack(tmp_path_factory, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+    """`cloudach up` on free ports and a fresh state directory, env added to its environment and
+    args to its command line; yields the Stack, then stops it and checks it stopped cleanly."""
     state_dir = tmp_path_factory.mktemp("e2e") / ".cloudach"
     port, inference_port, auth_port, billing_port, *metrics = free_ports(8)
     metrics_ports = {f"CLOUDACH_{name}_METRICS_PORT": str(p)
                      for name, p in zip(("INFERENCE", "AUTH", "BILLING", "EDGE"), metrics)}
     process = subprocess.Popen(
         [sys.executable, "-m", "tools", "up", "--state-dir", str(state_dir), "--port", str(port),
-         "--inference-port", str(inference_port), "--auth-port", str(auth_port), "--billing-port", str(billing_port)],
+         "--inference-port", str(inference_port), "--auth-port", str(auth_port), "--billing-port", str(billing_port),
+         *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **metrics_ports, **(env or {})},
     )
     output = Output(process)

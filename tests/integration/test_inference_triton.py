@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llama_cpp import Llama
 
-from cloudach.errors import InvalidArgument, NotFound
+from cloudach.errors import InvalidArgument, NotFound, Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from cloudach.rpc.errors import error_from_rpc
@@ -204,3 +204,41 @@ async def test_triton_killed_mid_stream_gives_unavailable_without_hanging(tmp_pa
                 assert again.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         own_triton.kill()
+
+
+async def test_a_resolved_name_spreads_streams_over_ready_tritons_and_follows_them_as_they_come_and_go(triton, registry):
+    """dns:/// Triton URLs (a headless Service): what the name resolves to is what streams use;
+    an address whose server is not ready (127.0.0.2: nothing listens there) is skipped, one that
+    vanishes gets no new stream, and one that appears is used at once."""
+    from inference_svc.engine import EngineRequest
+    from inference_svc.triton_endpoints import Endpoints
+    from inference_svc.triton_engine import CHANNEL_ARGS, TritonEngine
+
+    port = triton.grpc_port
+    live, dead = f"127.0.0.1:{port}", f"127.0.0.2:{port}"
+    answers = {"addresses": [live, dead]}
+
+    async def resolve(host, resolved_port):
+        assert (host, resolved_port) == ("triton.cloudach.svc.cluster.local", port)
+        return list(answers["addresses"])
+
+    spec = registry.get(MODEL)
+    endpoints = Endpoints([f"dns:///triton.cloudach.svc.cluster.local:{port}"], CHANNEL_ARGS, every_s=0.2, resolve=resolve)
+    engine = TritonEngine([f"dns:///triton.cloudach.svc.cluster.local:{port}"], 30, {spec.id: spec.engine}, endpoints)
+    request = EngineRequest("resolved", spec.id, spec.tokenizer.encode("Hi"), 3, tuple(spec.stop_token_ids), 0.0, 1.0, 0, 1)
+
+    async def tokens() -> int:
+        return sum([len(step.token_ids) async for step in engine.generate(request)])
+
+    try:
+        assert [e.url for e in await endpoints.usable()] == [live]  # the dead one is skipped
+        assert await tokens() > 0 and await engine.model_ready(spec.id)
+        answers["addresses"] = []  # every Triton pod gone
+        await endpoints.refresh()
+        with pytest.raises(Unavailable):
+            await tokens()
+        answers["addresses"] = [live]  # one comes back
+        await endpoints.refresh()
+        assert await tokens() > 0
+    finally:
+        await engine.close()

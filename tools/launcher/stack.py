@@ -52,6 +52,10 @@ def taken_ports(settings: StackSettings) -> list[str]:
             user, option = PORT_USERS[name]
             how = " or ".join(filter(None, (option, variable(StackSettings, name))))
             lines.append(f"port {port} ({user}) is already in use on {d.HOST}: choose another with {how}")
+    for port in edge_ports(settings)[1:]:
+        if port_taken(port):
+            lines.append(f"port {port} (another edge replica's HTTP API) is already in use on {d.HOST}: "
+                         "choose another --port (replicas take the ports after it)")
     return lines
 
 
@@ -63,61 +67,102 @@ def service_argv(name: str, python: str = sys.executable) -> list[str]:
     return [python, "-m", name]
 
 
-def python_service(name: str, address: str, probe: tuple[str, ...], env: dict[str, str], logs: pathlib.Path) -> Child:
+def python_service(name: str, address: str, probe: tuple[str, ...], env: dict[str, str], logs: pathlib.Path,
+                   module: str | None = None) -> Child:
     log = logs / f"{name}.log"
-    return Child(name, address, lambda: spawn(service_argv(name), log, env), probe, log)
+    return Child(name, address, lambda: spawn(service_argv(module or name), log, env), probe, log)
+
+
+def _named(name: str, i: int, replicas: int) -> str:
+    """A replica's name: the service's own with one replica ("edge"), numbered with more ("edge-2")."""
+    return name if replicas == 1 else f"{name}-{i + 1}"
+
+
+def _targets(addresses: list[str]) -> str:
+    """A gRPC target for every replica: one address, or an ipv4: list balanced per call."""
+    return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+
+
+def edge_ports(settings: StackSettings) -> list[int]:
+    """The HTTP API's port of each edge replica: the configured one, then the next ones up."""
+    return [settings.port + i for i in range(settings.replicas)]
 
 
 def stack_children(state_dir: pathlib.Path, settings: StackSettings,
                    model_repository: pathlib.Path = CPU_MODEL_REPOSITORY, env: Mapping[str, str] = {}) -> list[Child]:
-    """The stack's processes, each with its settings; env is added to every child's environment."""
+    """The stack's processes, each with its settings; env is added to every child's environment.
+    With settings.replicas > 1, that many of each (Tritons included), sharing settings.database_url
+    (else the SQLite files) and settings.redis_url, as a cluster's replicas would."""
     logs = (state_dir / "logs").resolve()
     data = (state_dir / "data").resolve()
     data.mkdir(parents=True, exist_ok=True)
     key_file = dev_api_key(state_dir).resolve()
     # The services' own identities: service keys, good for reporting usage and nothing else.
     edge_key, inference_key = (dev_api_key(state_dir, f"{name}-service-key").resolve() for name in ("edge", "inference"))
+    n = settings.replicas
     # Triton keeps the ports it first got across restarts, so inference_svc finds it again. None
-    # of the stack's own ports: those are free now, but their servers start after Triton.
-    triton_http, triton_grpc, triton_metrics = free_ports(3, avoid=settings.ports().values())
-    triton_ready = ("http", f"http://{d.HOST}:{triton_http}/v2/health/ready",
-                    f"http://{d.HOST}:{triton_http}/v2/models/tensorrt_llm/ready")
-    triton = Child(
-        "tritonserver", f"{d.HOST}:{triton_grpc} (gRPC), http://{d.HOST}:{triton_metrics}/metrics",
-        lambda: start_triton(logs / "tritonserver.log", model_repository, ports=(triton_http, triton_grpc, triton_metrics),
-                             trace_url=settings.triton_trace_url, env=env).process,
-        triton_ready, logs / "tritonserver.log", start_timeout_s=180, stop_timeout_s=20, broken=stub_died,
-    )
-    auth, billing, inference = (d.address(p) for p in (settings.auth_port, settings.billing_port, settings.inference_port))
-    edge_url = f"http://{d.address(settings.port)}"
-    return [
-        triton,
-        python_service("auth_svc", auth, ("grpc", auth), {
-            **env, "CLOUDACH_AUTH_LISTEN": auth, "CLOUDACH_AUTH_METRICS_PORT": str(settings.auth_metrics_port),
-            "CLOUDACH_AUTH_DATABASE_URL": f"sqlite:///{data / d.AUTH_DATABASE}",
-            "CLOUDACH_AUTH_SIGNING_KEY_FILE": str(data / d.AUTH_SIGNING_KEY),
+    # of the stack's own ports: those are free now, but their servers start after Triton. Other
+    # replicas of the services get free ports too (the first keeps the configured ones).
+    avoid = [*settings.ports().values(), *edge_ports(settings)]
+    spare = iter(free_ports(3 * n + 3 * (n - 1), avoid=avoid))
+    tritons = [tuple(next(spare) for _ in range(3)) for _ in range(n)]
+    grpc_ports = {service: [first, *(next(spare) for _ in range(n - 1))] for service, first in
+                  (("auth", settings.auth_port), ("billing", settings.billing_port), ("inference", settings.inference_port))}
+    auths, billings, inferences = ([d.address(port) for port in grpc_ports[s]] for s in ("auth", "billing", "inference"))
+    auth, billing, inference = _targets(auths), _targets(billings), _targets(inferences)
+    auth_db = settings.database_url or f"sqlite:///{data / d.AUTH_DATABASE}"
+    billing_db = settings.database_url or f"sqlite:///{data / d.BILLING_DATABASE}"
+
+    def metrics(port: int, i: int) -> str:
+        return str(port if i == 0 or port < 0 else 0)  # other replicas: free ports
+
+    def suffix(name: str, i: int) -> str:  # a replica's own file
+        return name if n == 1 else name.replace(".db", f"-{i + 1}.db")
+
+    children: list[Child] = []
+    for i, (http, grpc_port, metrics_port) in enumerate(tritons):
+        name = _named("tritonserver", i, n)
+        children.append(Child(
+            name, f"{d.HOST}:{grpc_port} (gRPC), http://{d.HOST}:{metrics_port}/metrics",
+            lambda name=name, ports=(http, grpc_port, metrics_port): start_triton(
+                logs / f"{name}.log", model_repository, ports=ports, trace_url=settings.triton_trace_url, env=env).process,
+            ("http", f"http://{d.HOST}:{http}/v2/health/ready", f"http://{d.HOST}:{http}/v2/models/tensorrt_llm/ready"),
+            logs / f"{name}.log", start_timeout_s=180, stop_timeout_s=20, broken=stub_died,
+        ))
+    triton_urls = ",".join(f"{d.HOST}:{grpc_port}" for _, grpc_port, _ in tritons)
+    for i, address in enumerate(auths):
+        children.append(python_service(_named("auth_svc", i, n), address, ("grpc", address), {
+            **env, "CLOUDACH_AUTH_LISTEN": address, "CLOUDACH_AUTH_METRICS_PORT": metrics(settings.auth_metrics_port, i),
+            "CLOUDACH_AUTH_DATABASE_URL": auth_db,
+            "CLOUDACH_AUTH_SIGNING_KEY_FILE": str(data / d.AUTH_SIGNING_KEY),  # one key: any replica's tokens verify
             # the dev key becomes an admin key, so `cloudach keys` works against the local stack
             "CLOUDACH_AUTH_BOOTSTRAP_ADMIN_KEY_FILE": str(key_file),
             "CLOUDACH_AUTH_BOOTSTRAP_SERVICE_KEY_FILES": f"{edge_key},{inference_key}",
-        }, logs),
-        python_service("billing_svc", billing, ("grpc", billing), {
-            **env, "CLOUDACH_BILLING_LISTEN": billing, "CLOUDACH_AUTH_TARGET": auth,
-            "CLOUDACH_BILLING_METRICS_PORT": str(settings.billing_metrics_port),
-            "CLOUDACH_BILLING_DATABASE_URL": f"sqlite:///{data / d.BILLING_DATABASE}",
-        }, logs),
-        python_service("inference_svc", inference, ("grpc", inference), {
-            **env, "CLOUDACH_TRITON_URLS": f"{d.HOST}:{triton_grpc}", "CLOUDACH_INFERENCE_LISTEN": inference,
-            "CLOUDACH_INFERENCE_METRICS_PORT": str(settings.inference_metrics_port), "CLOUDACH_AUTH_TARGET": auth,
-            "CLOUDACH_INFERENCE_BILLING_TARGET": billing, "CLOUDACH_INFERENCE_OUTBOX_PATH": str(data / d.INFERENCE_OUTBOX),
+        }, logs, "auth_svc"))
+    for i, address in enumerate(billings):
+        children.append(python_service(_named("billing_svc", i, n), address, ("grpc", address), {
+            **env, "CLOUDACH_BILLING_LISTEN": address, "CLOUDACH_AUTH_TARGET": auth,
+            "CLOUDACH_BILLING_METRICS_PORT": metrics(settings.billing_metrics_port, i),
+            "CLOUDACH_BILLING_DATABASE_URL": billing_db,
+        }, logs, "billing_svc"))
+    for i, address in enumerate(inferences):
+        children.append(python_service(_named("inference_svc", i, n), address, ("grpc", address), {
+            **env, "CLOUDACH_TRITON_URLS": triton_urls, "CLOUDACH_INFERENCE_LISTEN": address,
+            "CLOUDACH_INFERENCE_METRICS_PORT": metrics(settings.inference_metrics_port, i), "CLOUDACH_AUTH_TARGET": auth,
+            "CLOUDACH_INFERENCE_BILLING_TARGET": billing,
+            "CLOUDACH_INFERENCE_OUTBOX_PATH": str(data / suffix(d.INFERENCE_OUTBOX, i)),
             "CLOUDACH_INFERENCE_SERVICE_KEY_FILE": str(inference_key),
-        }, logs),
-        python_service("edge", f"{edge_url}/v1", ("http", f"{edge_url}/ready"), {
-            **env, "CLOUDACH_PORT": str(settings.port), "CLOUDACH_EDGE_METRICS_PORT": str(settings.edge_metrics_port),
+        }, logs, "inference_svc"))
+    for i, port in enumerate(edge_ports(settings)):
+        url = f"http://{d.address(port)}"
+        shared = {"CLOUDACH_REDIS_URL": settings.redis_url, "CLOUDACH_EDGE_REPLICAS": str(n)} if settings.redis_url else {}
+        children.append(python_service(_named("edge", i, n), f"{url}/v1", ("http", f"{url}/ready"), {
+            **env, "CLOUDACH_PORT": str(port), "CLOUDACH_EDGE_METRICS_PORT": metrics(settings.edge_metrics_port, i),
             "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
-            "CLOUDACH_EDGE_OUTBOX_PATH": str(data / d.EDGE_OUTBOX),
-            "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key),
-        }, logs),
-    ]
+            "CLOUDACH_EDGE_OUTBOX_PATH": str(data / suffix(d.EDGE_OUTBOX, i)),
+            "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key), **shared,
+        }, logs, "edge"))
+    return children
 
 
 def run_stack(state_dir: pathlib.Path, settings: StackSettings) -> int:
@@ -137,7 +182,7 @@ def run_stack(state_dir: pathlib.Path, settings: StackSettings) -> int:
             return 0
         print(f"""
 Cloudach is up.
-  base URL: http://{d.address(settings.port)}/v1
+  base URL: {", ".join(f"http://{d.address(port)}/v1" for port in edge_ports(settings))}
   API key:  {key_file.read_text().strip()}   (also in {key_file})
   model:    {MODEL_NAME}
   logs:     {state_dir / 'logs'}/
