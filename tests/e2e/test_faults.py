@@ -67,22 +67,28 @@ async def _stream(client: openai.AsyncOpenAI, seen: Seen) -> None:
         seen.error = f"{type(error).__name__}: {error}"
 
 
-async def _round(stack, key: str, victim: str) -> list[Seen]:
-    """STREAMS streams; once each has tokens (or has ended), the victim is SIGKILLed; every stream
-    must then end within a minute."""
-    client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0, timeout=120)
-    seen = [Seen() for _ in range(STREAMS)]
-    tasks = [asyncio.create_task(_stream(client, s)) for s in seen]
+async def streams_cut_by(stack, clients: list[openai.AsyncOpenAI], victim: str, count: int = STREAMS) -> list[Seen]:
+    """count streams, spread over clients; once each has tokens (or has ended), the victim is
+    SIGKILLed; every stream must then end within a minute."""
+    seen = [Seen() for _ in range(count)]
+    tasks = [asyncio.create_task(_stream(clients[i % len(clients)], s)) for i, s in enumerate(seen)]
     deadline = time.monotonic() + 120
     while not all(s.received >= 3 or t.done() for s, t in zip(seen, tasks)):
         assert time.monotonic() < deadline, "the streams did not start"
         await asyncio.sleep(0.05)
     os.kill(stack.services()[victim]["pid"], signal.SIGKILL)
-    done, hung = await asyncio.wait(tasks, timeout=60)
+    _, hung = await asyncio.wait(tasks, timeout=60)
     for task in hung:
         task.cancel()
-    await client.close()
+    for client in clients:
+        await client.close()
     assert not hung, f"{len(hung)} stream(s) hung after {victim} was killed"
+    return seen
+
+
+async def _round(stack, key: str, victim: str) -> list[Seen]:
+    client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=key, max_retries=0, timeout=120)
+    seen = await streams_cut_by(stack, [client], victim)
     assert all(s.id for s in seen), [s.error for s in seen]  # each was admitted (no leaked slot refused it)
     return seen
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 import uuid
 
@@ -17,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.e2e.conftest import MODEL, launch_stack
-from tests.e2e.test_faults import Seen, _stream, _wrong
+from tests.e2e.test_faults import Seen, _wrong, streams_cut_by
 
 POSTGRES = os.environ.get("CLOUDACH_TEST_POSTGRES", "postgresql://127.0.0.1:5432/test")
 REDIS = os.environ.get("CLOUDACH_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -63,18 +62,7 @@ async def _short(url: str, key: str) -> tuple[str, object] | int:
 async def _kill_under_load(stack, key: str, victim: str) -> tuple[list[Seen], list]:
     """Streams on both edges; victim SIGKILLed once they have tokens; then, on both edges,
     requests started after the kill."""
-    clients = [_client(url, key) for url in _edges(stack)]
-    seen = [Seen() for _ in range(6)]
-    tasks = [asyncio.create_task(_stream(clients[i % 2], s)) for i, s in enumerate(seen)]
-    deadline = time.monotonic() + 120
-    while not all(s.received >= 3 or t.done() for s, t in zip(seen, tasks)):
-        assert time.monotonic() < deadline, "the streams did not start"
-        await asyncio.sleep(0.05)
-    os.kill(stack.services()[victim]["pid"], signal.SIGKILL)
-    _, hung = await asyncio.wait(tasks, timeout=60)
-    for client in clients:
-        await client.close()
-    assert not hung, f"{len(hung)} stream(s) hung after {victim} was killed"
+    seen = await streams_cut_by(stack, [_client(url, key) for url in _edges(stack)], victim)
     after = await asyncio.gather(*(_short(url, key) for url in _edges(stack) * 3))
     return seen, after
 
