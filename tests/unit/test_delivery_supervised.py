@@ -136,3 +136,27 @@ async def test_a_shutdown_gives_the_deliverer_its_flush_time_to_empty_the_outbox
             outbox, _wake):
         await outbox.add(record("last-words"))  # the deliverer is not woken: only the flush sends it
     assert billing.recorded == ["last-words"]
+
+
+async def test_the_flush_cuts_a_long_backoff_short(tmp_path):
+    """After an outage the deliverer sleeps ever longer between tries: the shutdown's flush (2 s
+    here) does not wait out a 3.2 s backoff."""
+
+    class Outage:
+        def __init__(self) -> None:
+            self.failures, self.recorded = 0, []
+
+        async def RecordUsage(self, request, metadata=None, timeout=None):
+            if self.failures < 5:
+                self.failures += 1
+                raise RpcError(grpc.StatusCode.UNAVAILABLE)
+            self.recorded.append(request.record.request_id)
+
+    billing = Outage()
+    gauge, counter = Gauge("d", "d", registry=CollectorRegistry()), Counter("s", "s", registry=CollectorRegistry())
+    async with delivering(str(tmp_path / "o.db"), billing, Identity(), 30.0, 5.0, gauge, counter, flush_s=2.0) as (
+            outbox, wake):
+        await outbox.add(record("after-an-outage"))
+        wake.set()
+        await until(lambda: billing.failures == 5)  # billing_svc is back; the deliverer sleeps 3.2 s
+    assert billing.recorded == ["after-an-outage"]

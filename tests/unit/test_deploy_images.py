@@ -41,7 +41,7 @@ def test_the_cpu_triton_image_serves_the_launchers_model_repository_with_its_com
     assert repository == pathlib.Path("/opt/cloudach") / CPU_MODEL_REPOSITORY.relative_to(REPO)
     home = triton_home()
     assert serve_triton.argv(command[3:]) == triton_argv(home / "bin" / "tritonserver", home / "backends", repository,
-                                                         "0.0.0.0", (8000, 8001, 8002))
+                                                         "0.0.0.0", (8000, 8001, 8002), exit_timeout_s=600)
 
 
 def test_the_gpu_triton_image_serves_the_trtllm_repository_on_nvidias_pinned_container():

@@ -16,6 +16,7 @@ import yaml
 
 from edge.config import EdgeConfig
 from inference_svc.config import InferenceConfig
+from tools.launcher.serve_triton import EXIT_TIMEOUT_S as TRITON_EXIT_TIMEOUT_S
 from tools.launcher.stack import PYTHON_SERVICES
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -95,8 +96,12 @@ def test_triton_gets_a_gpu_on_gpu_nodes_and_time_to_load_only_in_the_gpu_overlay
 def test_every_multi_replica_deployment_has_a_disruption_budget(overlay):
     objects = rendered(overlay)
     budgets = of_kind(objects, "PodDisruptionBudget").values()
+    scaled = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["minReplicas"]
+              for h in of_kind(objects, "HorizontalPodAutoscaler").values()}
     for name, d in of_kind(objects, "Deployment").items():
-        if d["spec"]["replicas"] > 1:
+        if "replicas" in d["spec"]:
+            assert name not in scaled, f"{name}: an HPA owns its replicas, a re-apply must not reset them"
+        if scaled.get(name, d["spec"].get("replicas", 1)) > 1:
             assert any(b["spec"]["selector"]["matchLabels"].items() <= pod_labels(d).items() and
                        b["spec"].get("minAvailable", 0) >= 1 for b in budgets), name
 
@@ -144,7 +149,8 @@ def test_the_network_policies_let_only_the_edge_in_and_each_backend_only_its_cal
 
 def test_streams_get_their_drain_grace_before_the_pod_is_killed():
     deployments = of_kind(rendered("gpu"), "Deployment")
-    for name, grace in (("edge", EdgeConfig().shutdown_grace_s), ("inference", InferenceConfig().shutdown_grace_s)):
+    for name, grace in (("edge", EdgeConfig().shutdown_grace_s + EdgeConfig().outbox_flush_s + 10),
+                        ("inference", InferenceConfig().shutdown_grace_s), ("triton", TRITON_EXIT_TIMEOUT_S)):
         assert deployments[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= grace + 10, name
 
 
@@ -161,12 +167,12 @@ def test_the_hpa_metrics_are_the_ones_the_rules_record_and_the_adapter_serves():
     assert custom["name"]["as"] == name and custom["seriesQuery"].startswith(name + "{")
     # The rule's inputs are Triton's own metric names (tests/integration/test_triton_configs.py
     # finds them in a real Triton's /metrics).
-    assert set(re.findall(r"nv_inference_\w+", rule["expr"])) == set(TRITON_AUTOSCALING_INPUTS)
+    assert set(re.findall(r"cloudach_model_\w+", rule["expr"])) == set(TRITON_AUTOSCALING_INPUTS)
     assert hpa["edge"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
-#: what Triton must export for its autoscaling rule
-TRITON_AUTOSCALING_INPUTS = ("nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us")
+#: what Triton (our model, through Triton's metrics port) must export for its autoscaling rule
+TRITON_AUTOSCALING_INPUTS = ("cloudach_model_queued_requests", "cloudach_model_active_requests")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -17,6 +17,8 @@ from tools.launcher.triton_args import trace_args, triton_argv
 
 #: the ports Triton's images and Kubernetes Services use (Triton's own defaults)
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+#: after SIGTERM, streams may finish for as long as a request may run (the launcher's Triton: 10 s)
+EXIT_TIMEOUT_S = 600
 
 
 def argv(args: Sequence[str] | None = None) -> list[str]:
@@ -36,7 +38,8 @@ def argv(args: Sequence[str] | None = None) -> list[str]:
     tritonserver = options.tritonserver or home / "bin" / "tritonserver"
     backends = options.backend_directory or (home / "backends" if home else "/opt/tritonserver/backends")
     return triton_argv(tritonserver, backends, options.model_repository, options.address,
-                       (HTTP_PORT, GRPC_PORT, METRICS_PORT), trace_args(options.trace_url), options.gpu_metrics)
+                       (HTTP_PORT, GRPC_PORT, METRICS_PORT), trace_args(options.trace_url), options.gpu_metrics,
+                       EXIT_TIMEOUT_S)
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     # of the stack's own ports: those are free now, but their servers start after Triton. Other
     # replicas of the services get free ports too (the first keeps the configured ones).
     avoid = [*settings.ports().values(), *edge_ports(settings)]
-    spare = iter(free_ports(3 * n + 3 * (n - 1), avoid=avoid))
+    spare = iter(free_ports(3 * n + 3 * (n - 1) + 4 * (n - 1), avoid=avoid))
     tritons = [tuple(next(spare) for _ in range(3)) for _ in range(n)]
     grpc_ports = {service: [first, *(next(spare) for _ in range(n - 1))] for service, first in
                   (("auth", settings.auth_port), ("billing", settings.billing_port), ("inference", settings.inference_port))}
@@ -113,8 +113,12 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     auth_db = settings.database_url or f"sqlite:///{data / d.AUTH_DATABASE}"
     billing_db = settings.database_url or f"sqlite:///{data / d.BILLING_DATABASE}"
 
-    def metrics(port: int, i: int) -> str:
-        return str(port if i == 0 or port < 0 else 0)  # other replicas: free ports
+    # Other replicas' metrics ports are chosen now too: a port 0 bound later could take one
+    # handed out above to a server that has not started yet.
+    replica_metrics = {service: [next(spare) for _ in range(n - 1)] for service in ("auth", "billing", "inference", "edge")}
+
+    def metrics(port: int, i: int, service: str) -> str:
+        return str(port if i == 0 or port < 0 else replica_metrics[service][i - 1])
 
     def suffix(name: str, i: int) -> str:  # a replica's own file
         return name if n == 1 else name.replace(".db", f"-{i + 1}.db")
@@ -132,7 +136,7 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     triton_urls = ",".join(f"{d.HOST}:{grpc_port}" for _, grpc_port, _ in tritons)
     for i, address in enumerate(auths):
         children.append(python_service(_named("auth_svc", i, n), address, ("grpc", address), {
-            **env, "CLOUDACH_AUTH_LISTEN": address, "CLOUDACH_AUTH_METRICS_PORT": metrics(settings.auth_metrics_port, i),
+            **env, "CLOUDACH_AUTH_LISTEN": address, "CLOUDACH_AUTH_METRICS_PORT": metrics(settings.auth_metrics_port, i, "auth"),
             "CLOUDACH_AUTH_DATABASE_URL": auth_db,
             "CLOUDACH_AUTH_SIGNING_KEY_FILE": str(data / d.AUTH_SIGNING_KEY),  # one key: any replica's tokens verify
             # the dev key becomes an admin key, so `cloudach keys` works against the local stack
@@ -142,13 +146,13 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     for i, address in enumerate(billings):
         children.append(python_service(_named("billing_svc", i, n), address, ("grpc", address), {
             **env, "CLOUDACH_BILLING_LISTEN": address, "CLOUDACH_AUTH_TARGET": auth,
-            "CLOUDACH_BILLING_METRICS_PORT": metrics(settings.billing_metrics_port, i),
+            "CLOUDACH_BILLING_METRICS_PORT": metrics(settings.billing_metrics_port, i, "billing"),
             "CLOUDACH_BILLING_DATABASE_URL": billing_db,
         }, logs, "billing_svc"))
     for i, address in enumerate(inferences):
         children.append(python_service(_named("inference_svc", i, n), address, ("grpc", address), {
             **env, "CLOUDACH_TRITON_URLS": triton_urls, "CLOUDACH_INFERENCE_LISTEN": address,
-            "CLOUDACH_INFERENCE_METRICS_PORT": metrics(settings.inference_metrics_port, i), "CLOUDACH_AUTH_TARGET": auth,
+            "CLOUDACH_INFERENCE_METRICS_PORT": metrics(settings.inference_metrics_port, i, "inference"), "CLOUDACH_AUTH_TARGET": auth,
             "CLOUDACH_INFERENCE_BILLING_TARGET": billing,
             "CLOUDACH_INFERENCE_OUTBOX_PATH": str(data / suffix(d.INFERENCE_OUTBOX, i)),
             "CLOUDACH_INFERENCE_SERVICE_KEY_FILE": str(inference_key),
@@ -157,7 +161,7 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
         url = f"http://{d.address(port)}"
         shared = {"CLOUDACH_REDIS_URL": settings.redis_url, "CLOUDACH_EDGE_REPLICAS": str(n)} if settings.redis_url else {}
         children.append(python_service(_named("edge", i, n), f"{url}/v1", ("http", f"{url}/ready"), {
-            **env, "CLOUDACH_PORT": str(port), "CLOUDACH_EDGE_METRICS_PORT": metrics(settings.edge_metrics_port, i),
+            **env, "CLOUDACH_PORT": str(port), "CLOUDACH_EDGE_METRICS_PORT": metrics(settings.edge_metrics_port, i, "edge"),
             "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
             "CLOUDACH_EDGE_OUTBOX_PATH": str(data / suffix(d.EDGE_OUTBOX, i)),
             "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key), **shared,

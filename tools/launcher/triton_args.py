@@ -26,7 +26,7 @@ def trace_args(otlp_traces_url: str, rate: int = 1) -> list[str]:
 
 def triton_argv(tritonserver: pathlib.Path | str, backend_directory: pathlib.Path | str,
                 model_repository: pathlib.Path | str, address: str, ports: Sequence[int],
-                extra_args: Sequence[str] = (), gpu_metrics: bool = False) -> list[str]:
+                extra_args: Sequence[str] = (), gpu_metrics: bool = False, exit_timeout_s: int = 10) -> list[str]:
     """tritonserver's command line, as the launcher runs it and as the Triton images do
     (tools/launcher/serve_triton.py): one function, so they cannot drift apart."""
     http_port, grpc_port, metrics_port = ports
@@ -41,7 +41,7 @@ def triton_argv(tritonserver: pathlib.Path | str, backend_directory: pathlib.Pat
         f"--metrics-address={address}",
         f"--metrics-port={metrics_port}",
         f"--allow-gpu-metrics={'true' if gpu_metrics else 'false'}",
-        "--exit-timeout-secs=10",
+        f"--exit-timeout-secs={exit_timeout_s}",  # how long in-flight streams may finish after SIGTERM
         *PING_POLICY,
         *extra_args,
     ]
