@@ -23,7 +23,7 @@ from tests.e2e.conftest import MODEL, launch_stack
 
 STREAMS = 6
 MAX_TOKENS = 120
-PROMPT = "Count from 1 to 200, one number per line."
+PROMPT = "Count from 1 to 200, one number per line."  # greedy (temperature 0): a long answer, every time
 #: killed in this order: the edge last, as its restart also forgets its in-process limits (which
 #: would hide a slot leaked in an earlier round)
 VICTIMS = ("billing_svc", "inference_svc", "tritonserver", "edge")
@@ -50,10 +50,10 @@ class Seen:
     error: str = ""
 
 
-async def _stream(client: openai.AsyncOpenAI, seen: Seen) -> None:
+async def _stream(client: openai.AsyncOpenAI, seen: Seen, max_tokens: int = MAX_TOKENS) -> None:
     try:
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS, stream=True,
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens, stream=True, temperature=0,
             logprobs=True, stream_options={"include_usage": True})
         async for chunk in stream:
             seen.id = chunk.id
@@ -67,17 +67,18 @@ async def _stream(client: openai.AsyncOpenAI, seen: Seen) -> None:
         seen.error = f"{type(error).__name__}: {error}"
 
 
-async def streams_cut_by(stack, clients: list[openai.AsyncOpenAI], victim: str, count: int = STREAMS) -> list[Seen]:
+async def streams_cut_by(stack, clients: list[openai.AsyncOpenAI], victim: str, count: int = STREAMS,
+                         max_tokens: int = MAX_TOKENS, end_within_s: float = 60) -> list[Seen]:
     """count streams, spread over clients; once each has tokens (or has ended), the victim is
-    SIGKILLed; every stream must then end within a minute."""
+    SIGKILLed; every stream must then end within end_within_s."""
     seen = [Seen() for _ in range(count)]
-    tasks = [asyncio.create_task(_stream(clients[i % len(clients)], s)) for i, s in enumerate(seen)]
+    tasks = [asyncio.create_task(_stream(clients[i % len(clients)], s, max_tokens)) for i, s in enumerate(seen)]
     deadline = time.monotonic() + 120
     while not all(s.received >= 3 or t.done() for s, t in zip(seen, tasks)):
         assert time.monotonic() < deadline, "the streams did not start"
         await asyncio.sleep(0.05)
     os.kill(stack.services()[victim]["pid"], signal.SIGKILL)
-    _, hung = await asyncio.wait(tasks, timeout=60)
+    _, hung = await asyncio.wait(tasks, timeout=end_within_s)
     for task in hung:
         task.cancel()
     for client in clients:

@@ -129,8 +129,11 @@ def start_triton(
     _install_python_stub(home)
     http_port, grpc_port, metrics_port = ports or free_ports(3)
     path = os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # Shared-memory regions of its own: two Tritons on one host (`cloudach up --replicas 2`) would
+    # otherwise share the Python backend's region names, and one restarting broke the other's model.
+    shm = f"--backend-config=python,shm-region-prefix-name=cloudach_triton_{grpc_port}_"
     args = triton_argv(home / "bin" / "tritonserver", home / "backends", model_repository, "127.0.0.1",
-                       (http_port, grpc_port, metrics_port), [*trace_args(trace_url), *extra_args])
+                       (http_port, grpc_port, metrics_port), [shm, *trace_args(trace_url), *extra_args])
     # Its own session keeps our terminal's Ctrl-C from it (the launcher stops it in order);
     # SIGKILL when the launcher dies, as its stubs cannot drain without it anyway.
     process = spawn(args, log_path, {**env, "PATH": path}, own_session=True, death_signal=signal.SIGKILL)
