@@ -377,7 +377,6 @@ async def stream_generation(
             for event in end(choice):
                 yield event
     first = choices[0]
-    outcome.completion_tokens = sum(c.generated for c in choices)
     outcome.finish_reason = first.finish_reason
     yield pb.GenerateResponse(
         finished=pb.Finished(

@@ -69,9 +69,6 @@ class Endpoints:
                     await self._first.wait()
         return sorted((e for e in self._all.values() if e.ready and not e.gone), key=lambda e: e.in_flight)
 
-    def all(self) -> list[Endpoint]:
-        return [e for e in self._all.values() if not e.gone]
-
     def released(self, endpoint: Endpoint) -> None:
         """A stream on endpoint ended: a gone endpoint's client closes with its last one."""
         if endpoint.gone and not endpoint.in_flight and self._all.get(endpoint.url) is endpoint:

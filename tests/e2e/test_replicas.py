@@ -77,6 +77,9 @@ def _ledger() -> dict[str, tuple]:
     return {row[0]: row[1:] for row in rows}
 
 
+# The whole stack starts in this test's module fixture, then rounds of kills and restarts: longer
+# than the suite's 120 s per test, bounded all the same.
+@pytest.mark.timeout(300)
 def test_two_of_everything_share_limits_survive_a_dead_triton_and_inference_svc_and_bill_once(stack):
     assert {"edge-1", "edge-2", "tritonserver-1", "tritonserver-2", "inference_svc-2", "auth_svc-2",
             "billing_svc-2"} <= set(stack.services())
