@@ -65,22 +65,60 @@ def queued_records(path: pathlib.Path) -> int | None:
         return conn.execute(_COUNT).fetchone()[0]
 
 
+_INSERT = ("INSERT INTO outbox (request_id, record, created_at_ms, traceparent) VALUES (?, ?, ?, ?) "
+           "ON CONFLICT (request_id) DO NOTHING")
+#: records written in one transaction at most
+MAX_GROUP = 256
+
+
 class UsageOutbox:
+    """The outbox's table. Records added while a write is under way are committed together in the
+    next transaction (group commit): each add() still returns only once its record is durable."""
+
     def __init__(self, path: str) -> None:
         self._db = Database(f"sqlite:///{path}")
+        self._queued: list[tuple[tuple, asyncio.Future]] = []
+        self._writer: asyncio.Task | None = None
 
     async def open(self) -> None:
         await self._db.migrate("edge_outbox", MIGRATIONS)
 
     async def add(self, record: pb.UsageRecord, traceparent: str = "") -> None:
         """Keeps the record until delivered; a second one with its id (a report's: its generation
-        id) is ignored."""
-        await self._db.execute(
-            "INSERT INTO outbox (request_id, record, created_at_ms, traceparent) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (request_id) DO NOTHING",
-            (record.generation_id or record.request_id, record.SerializeToString(), int(time.time() * 1000),
-             traceparent),
-        )
+        id) is ignored. Returns once the record is committed; raises if it could not be."""
+        row = (record.generation_id or record.request_id, record.SerializeToString(), int(time.time() * 1000),
+               traceparent)
+        stored = asyncio.get_running_loop().create_future()
+        self._queued.append((row, stored))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queued())
+        await asyncio.shield(stored)  # a caller that leaves does not take its record's write with it
+
+    async def _write_queued(self) -> None:
+        try:
+            while self._queued:
+                group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
+                try:
+                    await self._db.transaction([(_INSERT, row) for row, _ in group])
+                    results = [None] * len(group)
+                except Exception:  # noqa: BLE001 - one bad row must not fail the others: one at a time
+                    results = [await self._insert_alone(row) for row, _ in group]
+                for (_, stored), failure in zip(group, results):
+                    if stored.done():
+                        continue
+                    if failure is None:
+                        stored.set_result(None)
+                    else:
+                        stored.set_exception(failure)
+        finally:
+            self._writer = None
+
+    async def _insert_alone(self, row: tuple) -> Exception | None:
+        try:
+            await self._db.execute(_INSERT, row)
+        except Exception as failure:  # noqa: BLE001 - handed to the row's add()
+            return failure
+        return None
 
     async def pending(self, limit: int, on_set_aside=None) -> list[tuple[int, pb.UsageRecord, str]]:
         """The oldest records to deliver; a row that does not parse is set aside (on_set_aside is told)."""
@@ -103,8 +141,11 @@ class UsageOutbox:
         row = await self._db.fetchone("SELECT attempts FROM outbox WHERE id = ?", (row_id,))
         return int(row[0]) if row else 0
 
-    async def delivered(self, row_id: int) -> None:
-        await self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+    async def delivered(self, row_ids: list[int]) -> None:
+        """Deletes the rows billing_svc has (one statement for a round's deliveries)."""
+        for start in range(0, len(row_ids), 500):
+            chunk = row_ids[start:start + 500]
+            await self._db.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
     async def set_aside(self, row_id: int) -> None:
         """A record billing_svc refuses as invalid: kept (never lost) but no longer retried."""
@@ -115,6 +156,8 @@ class UsageOutbox:
         return int(row[0])
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
         await self._db.close()
 
 
@@ -152,27 +195,30 @@ async def _deliver(outbox: UsageOutbox, billing: BillingServiceStub, identity: S
     propagates: every record waits, none is charged a try."""
     metadata = await identity.metadata()
     failed: list[tuple[int, pb.UsageRecord, str]] = []
-    delivered = 0
-    for row_id, record, traceparent in records:
-        parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
-        try:
-            with tracer.start_as_current_span("usage delivery", context=parent,
-                                              attributes={"cloudach.request_id": record.request_id}):
-                await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
-        except grpc.aio.AioRpcError as error:
-            failure = error_from_rpc(error)
-            if isinstance(failure, (Unauthenticated, PermissionDenied)):
-                identity.renew()
-                raise
-            if isinstance(failure, (Unavailable, DeadlineExceeded, ResourceExhausted)):
-                raise  # billing_svc is away or busy: every record waits
-            if isinstance(failure, InvalidArgument):
-                await _set_aside(outbox, row_id, record, failure.message, on_set_aside)
-            else:
-                failed.append((row_id, record, failure.message))
-            continue
-        await outbox.delivered(row_id)
-        delivered += 1
+    delivered: list[int] = []
+    try:
+        for row_id, record, traceparent in records:
+            parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+            try:
+                with tracer.start_as_current_span("usage delivery", context=parent,
+                                                  attributes={"cloudach.request_id": record.request_id}):
+                    await billing.RecordUsage(pb.RecordUsageRequest(record=record), metadata=metadata, timeout=5)
+            except grpc.aio.AioRpcError as error:
+                failure = error_from_rpc(error)
+                if isinstance(failure, (Unauthenticated, PermissionDenied)):
+                    identity.renew()
+                    raise
+                if isinstance(failure, (Unavailable, DeadlineExceeded, ResourceExhausted)):
+                    raise  # billing_svc is away or busy: every record waits
+                if isinstance(failure, InvalidArgument):
+                    await _set_aside(outbox, row_id, record, failure.message, on_set_aside)
+                else:
+                    failed.append((row_id, record, failure.message))
+                continue
+            delivered.append(row_id)
+    finally:
+        if delivered:  # whatever stopped the round: what billing_svc has leaves the outbox
+            await outbox.delivered(delivered)
     if not failed:
         return
     if delivered:  # others got through: these records are what fails
