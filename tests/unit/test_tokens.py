@@ -84,3 +84,32 @@ async def test_a_token_is_good_for_its_own_audience_only():
     for elsewhere in (tokens.BILLING_AUDIENCE, tokens.AUTH_AUDIENCE):
         with pytest.raises(Unauthenticated):
             await verifier.verify(token, elsewhere)
+
+
+async def test_a_token_checked_once_is_remembered_only_until_it_expires(monkeypatch):
+    signer = TokenSigner(Ed25519PrivateKey.generate(), ttl_s=1)
+
+    async def jwks():
+        return signer.jwks()
+
+    verifier = TokenVerifier(jwks, settings=VerifierSettings(leeway_s=0, jwks_max_age_s=3600))
+    token = signer.sign("key_1", {}, AUD, (INFERENCE,))[0]
+    assert (await verifier.verify(token, AUD))["sub"] == "key_1"
+    checks = 0
+    check = verifier._check
+
+    async def counted(*args):
+        nonlocal checks
+        checks += 1
+        return await check(*args)
+
+    monkeypatch.setattr(verifier, "_check", counted)
+    for _ in range(5):
+        assert (await verifier.verify(token, AUD))["sub"] == "key_1"
+    assert checks == 0  # the same caller's token, from memory
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token, tokens.BILLING_AUDIENCE)  # remembered for its audience only
+    await asyncio.sleep(2.1)  # past its exp (whole seconds)
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token, AUD)
+    assert checks == 2  # checked again, not taken from memory
