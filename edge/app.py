@@ -22,7 +22,7 @@ from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
 from edge.middleware import auth_middleware, common_headers, errors_middleware
 from edge.ratelimit import InProcessLimiter
-from edge.ratelimit_failover import FailoverLimiter
+from edge.ratelimit_failover import FailoverLimiter, ShareLimiter
 from edge.ratelimit_redis import RedisLimiter, redis_client
 from edge.state import STATE, EdgeState
 from edge.tracing import record_status, tracing_middleware
@@ -48,6 +48,8 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
                                             InProcessLimiter(window_s=config.rate_window_s),
                                             replicas=config.edge_replicas, open_s=config.redis_retry_s,
                                             mode_gauge=state.metrics.limiter_mode)
+        elif config.edge_replicas > 1:
+            state.limiter = ShareLimiter(InProcessLimiter(window_s=config.rate_window_s), config.edge_replicas)
         else:
             state.limiter = InProcessLimiter(window_s=config.rate_window_s)
         identity = None

@@ -43,8 +43,11 @@ class EdgeConfig:
     redis_timeout_s: float = setting(0.25, "CLOUDACH_EDGE_REDIS_TIMEOUT_S")
     #: while Redis is down: how long to limit locally before trying it again
     redis_retry_s: float = setting(5.0, "CLOUDACH_EDGE_REDIS_RETRY_S")
-    #: edge replicas sharing the limits: with Redis down each enforces 1/replicas of every limit
+    #: edge processes sharing the limits: with Redis down (or, above 1, without Redis: workers
+    #: behind one port) each enforces 1/replicas of every limit
     edge_replicas: int = setting(1, "CLOUDACH_EDGE_REPLICAS")
+    #: bind the API's port with SO_REUSEPORT, so several edge workers on one host share it
+    reuse_port: bool = setting(False, "CLOUDACH_EDGE_REUSE_PORT")
     #: the window of "per minute" limits (shorter only in tests)
     rate_window_s: float = setting(60.0, "CLOUDACH_EDGE_RATE_WINDOW_S")
     #: completion tokens reserved against the token limit when a request sets no max_tokens

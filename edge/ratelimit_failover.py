@@ -29,6 +29,24 @@ def _share(quota: Quota, replicas: int) -> Quota:
     return Quota(part(quota.requests_per_minute), part(quota.tokens_per_minute), part(quota.max_concurrent_streams))
 
 
+class ShareLimiter:
+    """This process's part of every key's limits, where several edge processes each limit on their
+    own without Redis (workers sharing one port: the kernel spreads connections among them), so
+    that together they stay within the key's limits."""
+
+    def __init__(self, local: InProcessLimiter, processes: int) -> None:
+        self._local, self._processes = local, max(1, processes)
+
+    async def admit(self, key_id: str, quota: Quota, request_id: str, tokens: int, lease_s: float) -> Decision:
+        return await self._local.admit(key_id, _share(quota, self._processes), request_id, tokens, lease_s)
+
+    async def settle(self, key_id: str, quota: Quota, reserved: int, used: int, request_id: str = "") -> None:
+        await self._local.settle(key_id, _share(quota, self._processes), reserved, used, request_id)
+
+    async def release(self, key_id: str, request_id: str) -> None:
+        await self._local.release(key_id, request_id)
+
+
 class FailoverLimiter:
     def __init__(self, shared, local: InProcessLimiter, replicas: int = 1, open_s: float = 10.0,
                  mode_gauge=None, clock=time.monotonic, max_tracked: int = 100_000) -> None:

@@ -6,6 +6,7 @@ import logging
 
 from aiohttp import web
 
+from cloudach.loop import choose_loop
 from cloudach.telemetry import configure_tracing
 from edge.app import create_app
 from edge.config import EdgeConfig
@@ -14,11 +15,13 @@ from edge.config import EdgeConfig
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     configure_tracing("edge")
+    logging.getLogger("edge").info("edge on the %s event loop", choose_loop())
     config = EdgeConfig.from_env()
     web.run_app(
         create_app(config),
         host=config.host,
         port=config.port,
+        reuse_port=config.reuse_port or None,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=config.shutdown_grace_s,

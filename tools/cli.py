@@ -20,6 +20,9 @@ def _add_up(commands: argparse._SubParsersAction, stack: StackSettings) -> None:
         up.add_argument(f"--{service}-port", type=int,
                         help=f"{service}_svc's gRPC port (default {getattr(stack, name)}, or {variable(StackSettings, name)})")
     up.add_argument("--replicas", type=int, help="run this many of each process, Tritons too (default 1)")
+    up.add_argument("--edge-workers", type=int,
+                    help="edge processes behind each edge port, one per core (default 1, or "
+                         f"{variable(StackSettings, 'edge_workers')}); without --redis each enforces its share of every key's limits")
     up.add_argument("--database", help="postgresql://… shared by auth_svc and billing_svc (default: SQLite files)")
     up.add_argument("--redis", help="redis://… shared by the edges for rate limits (default: none)")
 
@@ -42,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
         chosen = stack.with_options(port=args.port, inference_port=args.inference_port,
                                     auth_port=args.auth_port, billing_port=args.billing_port,
-                                    replicas=args.replicas, database_url=args.database, redis_url=args.redis)
-        if chosen.replicas < 1:
-            parser.error("--replicas must be at least 1")
+                                    replicas=args.replicas, edge_workers=args.edge_workers,
+                                    database_url=args.database, redis_url=args.redis)
+        if chosen.replicas < 1 or chosen.edge_workers < 1:
+            parser.error("--replicas and --edge-workers must be at least 1")
         return run_stack(args.state_dir, chosen)
     if args.command == "status":
         return cli_status.run(args, client)

@@ -46,6 +46,8 @@ class StackSettings:
     triton_trace_url: str = setting("", "CLOUDACH_TRITON_TRACE_URL")
     #: how many of each process (Tritons too) run, as a cluster's replicas would
     replicas: int = setting(1, "CLOUDACH_REPLICAS")
+    #: edge processes per edge port (SO_REUSEPORT: the kernel spreads connections), one per core
+    edge_workers: int = setting(1, "CLOUDACH_EDGE_WORKERS")
     #: PostgreSQL shared by auth_svc and billing_svc ("": SQLite files in the state directory)
     database_url: str = setting("", "CLOUDACH_DATABASE_URL")
     #: Redis shared by the edges for rate limits ("": each edge limits in its own process)

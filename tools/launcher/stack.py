@@ -92,7 +92,9 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
                    model_repository: pathlib.Path = CPU_MODEL_REPOSITORY, env: Mapping[str, str] = {}) -> list[Child]:
     """The stack's processes, each with its settings; env is added to every child's environment.
     With settings.replicas > 1, that many of each (Tritons included), sharing settings.database_url
-    (else the SQLite files) and settings.redis_url, as a cluster's replicas would."""
+    (else the SQLite files) and settings.redis_url, as a cluster's replicas would; with
+    settings.edge_workers > 1, that many edge processes behind each edge port (SO_REUSEPORT),
+    each with its own outbox."""
     logs = (state_dir / "logs").resolve()
     data = (state_dir / "data").resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,8 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
     # of the stack's own ports: those are free now, but their servers start after Triton. Other
     # replicas of the services get free ports too (the first keeps the configured ones).
     avoid = [*settings.ports().values(), *edge_ports(settings)]
-    spare = iter(free_ports(3 * n + 3 * (n - 1) + 4 * (n - 1), avoid=avoid))
+    edges = n * settings.edge_workers  # edge processes: workers of one replica share its port
+    spare = iter(free_ports(3 * n + 3 * (n - 1) + 3 * (n - 1) + edges - 1, avoid=avoid))
     tritons = [tuple(next(spare) for _ in range(3)) for _ in range(n)]
     grpc_ports = {service: [first, *(next(spare) for _ in range(n - 1))] for service, first in
                   (("auth", settings.auth_port), ("billing", settings.billing_port), ("inference", settings.inference_port))}
@@ -115,7 +118,8 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
 
     # Other replicas' metrics ports are chosen now too: a port 0 bound later could take one
     # handed out above to a server that has not started yet.
-    replica_metrics = {service: [next(spare) for _ in range(n - 1)] for service in ("auth", "billing", "inference", "edge")}
+    replica_metrics = {service: [next(spare) for _ in range((edges if service == "edge" else n) - 1)]
+                       for service in ("auth", "billing", "inference", "edge")}
 
     def metrics(port: int, i: int, service: str) -> str:
         return str(port if i == 0 or port < 0 else replica_metrics[service][i - 1])
@@ -157,15 +161,23 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
             "CLOUDACH_INFERENCE_OUTBOX_PATH": str(data / suffix(d.INFERENCE_OUTBOX, i)),
             "CLOUDACH_INFERENCE_SERVICE_KEY_FILE": str(inference_key),
         }, logs, "inference_svc"))
+    workers = settings.edge_workers
+    # The edges that share each key's limits: every one, through Redis; without it, the workers
+    # behind one port (the kernel spreads connections among them), each enforcing its share.
+    shared = ({"CLOUDACH_REDIS_URL": settings.redis_url, "CLOUDACH_EDGE_REPLICAS": str(edges)} if settings.redis_url
+              else {"CLOUDACH_EDGE_REPLICAS": str(workers)} if workers > 1 else {})
     for i, port in enumerate(edge_ports(settings)):
         url = f"http://{d.address(port)}"
-        shared = {"CLOUDACH_REDIS_URL": settings.redis_url, "CLOUDACH_EDGE_REPLICAS": str(n)} if settings.redis_url else {}
-        children.append(python_service(_named("edge", i, n), f"{url}/v1", ("http", f"{url}/ready"), {
-            **env, "CLOUDACH_PORT": str(port), "CLOUDACH_EDGE_METRICS_PORT": metrics(settings.edge_metrics_port, i, "edge"),
-            "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
-            "CLOUDACH_EDGE_OUTBOX_PATH": str(data / suffix(d.EDGE_OUTBOX, i)),
-            "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key), **shared,
-        }, logs, "edge"))
+        for w in range(workers):
+            name = _named("edge", i, n) + (f"-w{w + 1}" if workers > 1 else "")
+            outbox = suffix(d.EDGE_OUTBOX, i).replace(".db", f"-w{w + 1}.db") if workers > 1 else suffix(d.EDGE_OUTBOX, i)
+            children.append(python_service(name, f"{url}/v1", ("http", f"{url}/ready"), {
+                **env, "CLOUDACH_PORT": str(port),
+                "CLOUDACH_EDGE_METRICS_PORT": metrics(settings.edge_metrics_port, i * workers + w, "edge"),
+                "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
+                "CLOUDACH_EDGE_OUTBOX_PATH": str(data / outbox), "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key),
+                **({"CLOUDACH_EDGE_REUSE_PORT": "1"} if workers > 1 else {}), **shared,
+            }, logs, "edge"))
     return children
 
 

@@ -62,3 +62,15 @@ def test_headers_name_only_the_limits_that_apply():
     assert headers(Decision(True)) == {}
     assert set(headers(Decision(True, requests=(10, 9, 6.0)))) == {
         "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}
+
+
+async def test_workers_without_redis_each_enforce_their_share_so_together_they_keep_the_limit():
+    from edge.ratelimit_failover import ShareLimiter
+
+    quota = Quota(requests_per_minute=10, tokens_per_minute=0, max_concurrent_streams=4)
+    workers = [ShareLimiter(InProcessLimiter(window_s=60, clock=Clock()), 2) for _ in range(2)]
+    admitted = [sum([(await w.admit("k", quota, f"{i}-{n}", 0, lease_s=60)).allowed for n in range(4)])
+                for i, w in enumerate(workers)]
+    assert admitted == [2, 2]  # 4 streams in all across the two, as the key allows
+    await workers[0].release("k", "0-0")
+    assert (await workers[0].admit("k", quota, "0-9", 0, lease_s=60)).allowed  # its share frees up again
