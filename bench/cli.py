@@ -12,7 +12,7 @@ import time
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmark the platform on this machine (starts its own stacks)")
-    bench.add_argument("scenario", choices=("overhead", "relay", "real", "guided", "features", "all"), nargs="?", default="all")
+    bench.add_argument("scenario", choices=("overhead", "relay", "workers", "loops", "real", "guided", "features", "all"), nargs="?", default="all")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     bench.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     bench.add_argument("--rate", type=float, default=100.0,
@@ -21,6 +21,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--real-concurrency", default="1,4,16")
     bench.add_argument("--guided-concurrency", default="1,8")
     bench.add_argument("--features-concurrency", type=int, default=4)
+    bench.add_argument("--edge-workers", default="1,2", help="edge processes per run of the workers scenario")
     bench.add_argument("--no-llama-server", action="store_true", help="skip the llama_cpp.server baseline")
     bench.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
 
@@ -34,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
         real_concurrency=tuple(int(c) for c in args.real_concurrency.split(",")),
         guided_concurrency=tuple(int(c) for c in args.guided_concurrency.split(",")),
         features_concurrency=args.features_concurrency,
+        edge_workers=tuple(int(c) for c in args.edge_workers.split(",")),
     )
-    chosen = ("overhead", "relay", "real", "guided", "features") if args.scenario == "all" else (args.scenario,)
+    chosen = ("overhead", "relay", "workers", "loops", "real", "guided", "features") if args.scenario == "all" else (args.scenario,)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "platform": platform.platform()},
@@ -51,11 +53,16 @@ def run(args: argparse.Namespace) -> int:
             rows = scenarios.guided(options)
         elif name == "features":
             rows = scenarios.features(options)
+        elif name == "workers":
+            rows = scenarios.workers(options)
+        elif name == "loops":
+            rows = scenarios.loops(options)
         else:
             rows = scenarios.real_model(options, not args.no_llama_server)
         document["scenarios"][name] = rows
         processes = {"real": ["tritonserver", "edge", "llama_cpp.server"], "guided": ["tritonserver"],
-                     "features": ["tritonserver", "inference_svc", "edge"]}.get(
+                     "features": ["tritonserver", "inference_svc", "edge"],
+                     "workers": ["tritonserver", "inference_svc", "edge"], "loops": ["tritonserver", "inference_svc", "edge"]}.get(
             name, [*scenarios.STACK, "bench client"])
         table = report.markdown(rows, processes)
         markdown.append(f"## {name}\n\n{table}\n")

@@ -48,7 +48,11 @@ def cpu_and_rss(pid: int, descendants: bool = True) -> tuple[float, int]:
 CLIENT = "bench client"
 
 
-def _usage(name: str, pid: int) -> tuple[float, int]:
+def _usage(name: str, pid: int | tuple[int, ...]) -> tuple[float, int]:
+    """A process's (or a tuple of processes', e.g. edge workers', summed) CPU seconds and memory."""
+    if isinstance(pid, tuple):
+        figures = [_usage(name, one) for one in pid]
+        return sum(cpu for cpu, _ in figures), sum(rss for _, rss in figures)
     # the client's own process only: the stacks it starts are its children, measured apart
     return cpu_and_rss(pid, descendants=name != CLIENT)
 
@@ -66,7 +70,7 @@ class Run:
 
 
 async def run_load(driver: Driver, label: str, concurrency: int, duration_s: float, prompt: str, max_tokens: int,
-                   processes: dict[str, int], warmup_s: float = 1.0, ramp_s: float = 0.0) -> Run:
+                   processes: dict[str, int | tuple[int, ...]], warmup_s: float = 1.0, ramp_s: float = 0.0) -> Run:
     """processes: name -> pid to account CPU and memory for ("bench client" is this process).
     ramp_s spreads the clients' first requests (thousands of connects at once measure the accept queue)."""
     processes = {**processes, CLIENT: os.getpid()}

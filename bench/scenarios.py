@@ -25,9 +25,10 @@ class Options:
     real_concurrency: tuple[int, ...] = (1, 4, 16)
     guided_concurrency: tuple[int, ...] = (1, 8)
     features_concurrency: int = 4
+    edge_workers: tuple[int, ...] = (1, 2)
 
 
-async def _measure(driver: Driver, label: str, concurrency: int, options: Options, pids: dict[str, int],
+async def _measure(driver: Driver, label: str, concurrency: int, options: Options, pids: dict[str, tuple[int, ...]],
                    max_tokens: int | None = None, ramp_s: float = 0.0) -> dict:
     await driver.open()
     try:
@@ -61,6 +62,35 @@ def relay(options: Options) -> list[dict]:
         rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key, stream=False),
                                          "edge non-streaming", 32, options, stack.pids, max_tokens=1)))
         return rows
+
+
+def workers(options: Options) -> list[dict]:
+    """One edge process against N behind the same port (SO_REUSEPORT), at the first relay
+    concurrency and non-streaming: tokens/s, and edge CPU summed over the workers."""
+    rows = []
+    for count in options.edge_workers:
+        with bench_stack(SYNTHETIC, 0, edge_workers=count) as stack:
+            label = f"edge x{count}"
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), label,
+                                             options.relay_concurrency[0], options, stack.pids, ramp_s=0.5)))
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key, stream=False),
+                                             f"{label} non-streaming", 32, options, stack.pids, max_tokens=1)))
+    return rows
+
+
+def loops(options: Options) -> list[dict]:
+    """Every service on asyncio's event loop, then on uvloop: one stream at a GPU's pace (TTFT),
+    then the relay at the first relay concurrency."""
+    rows = []
+    for loop in ("asyncio", "uvloop"):
+        env = {"CLOUDACH_EVENT_LOOP": loop}
+        with bench_stack(SYNTHETIC, options.tokens_per_s, extra_env=env) as stack:
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), f"{loop}: edge", 1,
+                                             options, stack.pids)))
+        with bench_stack(SYNTHETIC, 0, extra_env=env) as stack:
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), f"{loop}: edge",
+                                             options.relay_concurrency[0], options, stack.pids, ramp_s=0.5)))
+    return rows
 
 
 def real_model(options: Options, with_llama_server: bool = True) -> list[dict]:

@@ -125,10 +125,12 @@ async def wait_for_termination_signal() -> signal.Signals:
 
 def run_service(name: str, running: Callable[[], contextlib.AbstractAsyncContextManager]) -> None:
     """A service's main(): logging, tracing, then serve until SIGTERM or SIGINT and drain."""
+    from cloudach.loop import choose_loop
     from cloudach.telemetry import configure_tracing
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     configure_tracing(name)
+    log.info("%s on the %s event loop", name, choose_loop())
 
     async def serve() -> None:
         async with running() as service:
