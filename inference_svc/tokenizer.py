@@ -6,11 +6,16 @@ we serve (Llama 3, SmolLM2) use byte-level BPE, so concatenated token bytes are 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Protocol
 
 from cloudach.paths import resolve_path
 from inference_svc.templates import Piece, Special
+
+
+#: texts this short are tokenized once and remembered (GgufTokenizer)
+SHORT_TEXT_CHARS = 64
 
 
 class Tokenizer(Protocol):
@@ -42,12 +47,34 @@ class GgufTokenizer:
         from llama_cpp import Llama
 
         self._llama = Llama(model_path=path, vocab_only=True, verbose=False)
+        self._vocab = self._llama._model.vocab  # llama.cpp's vocabulary handle, for one-call tokenizing
         self.vocab_size = self._llama.n_vocab()
         self.token_bytes = tuple(self._llama.detokenize([i], special=False) for i in range(self.vocab_size))
         self._special: dict[str, int] = {}
 
     def encode(self, text: str) -> list[int]:
-        return self._llama.tokenize(text.encode(), add_bos=False, special=False)
+        if len(text) <= SHORT_TEXT_CHARS:
+            return list(self._short(text))
+        return self._tokenize(text.encode())
+
+    @functools.lru_cache(maxsize=4096)
+    def _short(self, text: str) -> tuple[int, ...]:
+        """The chat template's pieces ("user", "\n", role headers) and short messages come again
+        and again, and llama.cpp spends ~60 µs on any call, however short its text."""
+        return tuple(self._tokenize(text.encode()))
+
+    def _tokenize(self, data: bytes) -> list[int]:
+        import llama_cpp
+
+        # One call into llama.cpp with room enough (a byte-level BPE token holds at least one
+        # byte), where Llama.tokenize first asks with room for none (a vocab-only model's n_ctx
+        # is 0), then again: half the time, the same ids.
+        room = len(data) + 8
+        ids = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), ids, room, False, False)
+        if n < 0:
+            raise RuntimeError(f"llama.cpp could not tokenize {len(data)} bytes ({n})")
+        return ids[:n]
 
     def special_id(self, token: str) -> int:
         if token not in self._special:
