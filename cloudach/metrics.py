@@ -45,8 +45,7 @@ class RpcObservability(grpc.aio.ServerInterceptor):
                                   ["method"], buckets=LATENCY_BUCKETS, registry=registry)
         self._in_flight = Gauge(f"cloudach_{service}_rpc_in_flight", "RPCs in progress", ["method"], registry=registry)
 
-    def _start(self, full_method: str, method: str, context: Any) -> trace.Span:
-        carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    def _start(self, full_method: str, method: str, carrier: dict[str, str]) -> trace.Span:
         span = self._tracer.start_span(
             full_method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.method": method, "rpc.service": full_method.split("/")[1]},
@@ -77,18 +76,24 @@ class RpcObservability(grpc.aio.ServerInterceptor):
         full_method = handler_call_details.method
         if handler is None or full_method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
-        method = full_method.rsplit("/", 1)[-1]
 
-        @contextlib.asynccontextmanager
-        async def observed(context: Any):
-            started, error = time.monotonic(), None
-            span = self._start(full_method, method, context)
-            try:
-                yield
-            except BaseException as failure:
-                error = failure
-                raise
-            finally:
-                self._done(method, started, error, span)
+        def observed(context: Any):
+            carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            return self.observing(full_method, carrier)
 
         return wrap_handler(handler, observed)
+
+    @contextlib.asynccontextmanager
+    async def observing(self, full_method: str, carrier: dict[str, str]):
+        """One call's span (child of the trace context in carrier) and counts, around the block:
+        for an RPC, and for a call another RPC carries (GenerateMany's)."""
+        method = full_method.rsplit("/", 1)[-1]
+        started, error = time.monotonic(), None
+        span = self._start(full_method, method, carrier)
+        try:
+            yield span
+        except BaseException as failure:
+            error = failure
+            raise
+        finally:
+            self._done(method, started, error, span)

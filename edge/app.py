@@ -20,6 +20,7 @@ from edge.admission import Admission
 from edge.auth import Authenticator
 from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
+from edge.mux import Multiplexer
 from edge.middleware import auth_middleware, common_headers, errors_middleware
 from edge.ratelimit import InProcessLimiter
 from edge.ratelimit_failover import FailoverLimiter, ShareLimiter
@@ -37,6 +38,10 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
                   for target in (config.inference_target, config.auth_target, config.billing_target)]
         inference, auth, billing = opened
         state.inference = InferenceServiceStub(inference)
+        state.generate = state.inference
+        if config.multiplex:
+            state.generate = Multiplexer(state.inference, config.mux_streams)
+            stack.push_async_callback(state.generate.close)
         state.inference_health = HealthStub(inference)
         state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s, counter=state.metrics.auth_cache,
                                    unknown_lookups_per_minute=config.unknown_key_lookups_per_minute)

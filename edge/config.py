@@ -17,6 +17,11 @@ class EdgeConfig:
     metrics_port: int = setting(d.EDGE_METRICS_PORT, "CLOUDACH_EDGE_METRICS_PORT")
     #: inference_svc's gRPC address
     inference_target: str = setting(d.address(d.INFERENCE_PORT), "CLOUDACH_INFERENCE_TARGET")
+    #: Generate calls carried on a few shared GenerateMany streams (edge.mux), each message then
+    #: carrying many calls' tokens; off: one gRPC stream per call
+    multiplex: bool = setting(True, "CLOUDACH_EDGE_MULTIPLEX")
+    #: shared streams per edge (spread over inference_svc's replicas like calls)
+    mux_streams: int = setting(4, "CLOUDACH_EDGE_MUX_STREAMS")
     #: how often the edge's gRPC channels ping inference_svc, auth_svc and billing_svc
     grpc_keepalive_s: float = setting(30.0, "CLOUDACH_EDGE_GRPC_KEEPALIVE_S")
     #: auth_svc's gRPC address

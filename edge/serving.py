@@ -73,7 +73,7 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
     try:
         with state.admission:
             # The channel's tracing interceptor passes this request's trace context on.
-            calls = [state.inference.Generate(g, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)
+            calls = [state.generate.Generate(g, timeout=config.request_timeout_s, metadata=principal.grpc_metadata)
                      for g in job.generates]
             merged = None
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -26,6 +27,8 @@ class EdgeState:
     metrics: EdgeMetrics = field(default_factory=EdgeMetrics)
     # Set while the app runs (see app.channels): clients of the services behind the edge.
     inference: InferenceServiceStub = field(default=None)  # type: ignore[assignment]
+    #: where Generate calls go: the stub, or the Multiplexer carrying them on shared streams
+    generate: Any = field(default=None)
     inference_health: HealthStub = field(default=None)  # type: ignore[assignment]
     auth: Authenticator = field(default=None)  # type: ignore[assignment]
     limiter: Limiter = field(default=None)  # type: ignore[assignment]

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1 import inference_pb2, inference_pb2_grpc
+from cloudach.metrics import RpcObservability
 from cloudach.outbox import ServiceToken, delivering
 from cloudach.rpc.auth import TokenInterceptor, auth_jwks_fetcher
 from cloudach.rpc.client import service_channel
@@ -30,6 +31,7 @@ from inference_svc.triton_engine import TritonEngine
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+GENERATE_MANY = f"/{SERVICE_NAME}/GenerateMany"
 
 
 @dataclass
@@ -83,13 +85,16 @@ async def running_inference(
         report = None
         if config.billing_target:
             report = await _reporting(stack, config, auth_channel, measures)
-        service = InferenceService(registry, engine, config, measures, report)
+        observability = RpcObservability("inference", metrics)
+        service = InferenceService(registry, engine, config, measures, report, verifier, observability.observing)
         server = await start_grpc_server(
             config.listen_address,
             lambda s: inference_pb2_grpc.add_InferenceServiceServicer_to_server(service, s),
             [SERVICE_NAME],
             metrics=("inference", metrics, None if config.metrics_port < 0 else config.metrics_port),
-            interceptors=[TokenInterceptor(verifier, INFERENCE_AUDIENCE)],
+            observability=observability,
+            # GenerateMany carries calls that each bring a token, checked one by one (inference_svc.mux).
+            interceptors=[TokenInterceptor(verifier, INFERENCE_AUDIENCE, open_methods=[GENERATE_MANY])],
             serving=False,  # until _watch_health has seen a model ready in Triton
         )
         watcher = asyncio.create_task(_watch_health(server, registry, engine, config.health_poll_s))

@@ -12,17 +12,18 @@ from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cloudach.billing.v1 import billing_pb2 as bpb
-from cloudach.errors import ResourceExhausted
+from cloudach.errors import ResourceExhausted, Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from inference_svc.batching import read_ahead
+from inference_svc.mux import generate_many
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
 from inference_svc.generation import Outcome, plan_generation, prompt_chars, stream_generation
 from inference_svc.registry import ModelRegistry
 from inference_svc.reports import Report, usage_report
 from cloudach.rpc.auth import require
-from cloudach.tokens import INFERENCE
+from cloudach.tokens import INFERENCE, TokenVerifier
 
 log = logging.getLogger(__name__)
 #: prompts longer than this (characters) are tokenized off the event loop (about 10 ms of work)
@@ -58,7 +59,11 @@ class InferenceMetrics:
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, registry: ModelRegistry, engine: Engine, config: InferenceConfig,
-                 metrics: InferenceMetrics | None = None, report: Report | None = None) -> None:
+                 metrics: InferenceMetrics | None = None, report: Report | None = None,
+                 verifier: TokenVerifier | None = None, observe=None) -> None:
+        """verifier checks the tokens of calls carried by GenerateMany; observe gives each its
+        span and counts (RpcObservability.observing)."""
+        self._verifier, self._observe = verifier, observe
         self._registry = registry
         self._engine = engine
         self._config = config
@@ -156,6 +161,14 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     pb.FinishReason.Name(outcome.finish_reason),
                     outcome.time_to_first_token_ns / 1e6,
                 )
+
+    async def GenerateMany(self, requests: AsyncIterator[pb.MuxRequest], context) -> AsyncIterator[pb.MuxResponse]:
+        """Generate calls carried on one stream, each with its own token (inference_svc.mux)."""
+        if self._verifier is None:
+            raise Unavailable("this inference_svc carries no multiplexed calls")
+        async for response in generate_many(lambda request: self.Generate(request, None), self._verifier, requests,
+                                             self._observe):
+            yield response
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         require(INFERENCE)

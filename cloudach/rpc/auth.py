@@ -30,6 +30,12 @@ def caller() -> dict[str, Any]:
     return claims
 
 
+def acting_as(claims: dict[str, Any]) -> None:
+    """Makes claims the current task's caller: a call carried inside another (GenerateMany's),
+    whose token was verified by the carrier."""
+    _CALLER.set(claims)
+
+
 def scopes(claims: dict[str, Any]) -> frozenset[str]:
     scope = claims.get("scope")
     return frozenset(scope.split()) if isinstance(scope, str) else frozenset()

@@ -80,8 +80,10 @@ async def start_grpc_server(
     serving: bool = True,
     metrics: tuple[str, CollectorRegistry, int | None] | None = None,
     tls: TlsSettings | None = None,
+    observability: RpcObservability | None = None,
 ) -> GrpcServer:
     """Starts a server on address ("host:0" picks a free port) with register()'s services.
+    observability: the spans-and-counts interceptor, when the service uses it itself too.
 
     serving=False starts it NOT_SERVING, for a service whose readiness a watcher decides.
     metrics=(name, registry, port): spans and RPC counts go to registry, served on port
@@ -90,7 +92,7 @@ async def start_grpc_server(
     # and counts, which see each call's domain error; then the rest (the token check).
     name, registry = (metrics[0], metrics[1]) if metrics else (service_names[0].split(".")[1], CollectorRegistry())
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), RpcObservability(name, registry), *interceptors],
+        interceptors=[ErrorInterceptor(), observability or RpcObservability(name, registry), *interceptors],
         options=[*KEEPALIVE_SERVER_OPTIONS, *options],
     )
     register(server)

@@ -34,4 +34,13 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.
                     yield response
 
         return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-    return handler
+    if handler.stream_stream:
+        streams_behavior = handler.stream_stream
+
+        async def streams(requests: Any, context: Any):
+            async with around(context):
+                async for response in streams_behavior(requests, context):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(streams, **serializers)
+    raise TypeError("client-streaming handlers are not wrapped: none of our services has one")
