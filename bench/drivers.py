@@ -163,17 +163,15 @@ class InferenceDriver:
             request_id=f"bench-{next(self.ids)}", model=self.model,
             messages=[pb.ChatMessage(role=pb.ROLE_USER, content=prompt)],
             sampling=pb.SamplingParameters(temperature=0), stopping=pb.StoppingCriteria(max_new_tokens=max_tokens),
-            accept_batches=True,  # as the edge reads it
         )
         clock = _Clock()
         try:
-            async for message in self.stub.Generate(request):
-                for event in message.batch.events if message.HasField("batch") else (message,):
-                    if event.HasField("delta"):
-                        clock.tokens(event.delta.token_count)
-                    elif event.HasField("finished"):
-                        clock.result.tokens = event.finished.usage.completion_tokens
-                        clock.result.ok = True
+            async for event in self.stub.Generate(request):
+                if event.HasField("delta"):
+                    clock.tokens(event.delta.token_count)
+                elif event.HasField("finished"):
+                    clock.result.tokens = event.finished.usage.completion_tokens
+                    clock.result.ok = True
         except grpc.aio.AioRpcError as failure:
             return StreamResult(ok=False, error=failure.code().name)
         return clock.result

@@ -87,7 +87,6 @@ class Job:
             # inference_svc reports each generation under the response's id too: if this edge
             # dies holding the stream, billing_svc still learns what the model generated.
             generate.usage_id = completion_id
-            generate.accept_batches = True  # edge.relay reads grouped events
         return cls(id=completion_id, created=int(time.time()), model=body["model"], stream=bool(body.get("stream")),
                    include_usage=params.include_usage(body), generates=tuple(generates), format=format,
                    max_tokens_name=max_tokens_name, prompt_chars=prompt_chars, operation=operation,

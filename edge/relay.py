@@ -34,11 +34,6 @@ STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cach
 MERGE_BUFFER = 64
 
 
-def events(message: pb.GenerateResponse) -> Sequence[pb.GenerateResponse]:
-    """A message's events: a batch's (inference_svc groups what was ready at once), or itself."""
-    return message.batch.events if message.HasField("batch") else (message,)
-
-
 class Merged:
     """Several Generate calls read as one, like a call: choice indices offset by call (call i's
     choice j is i * n + j), their Finished events summed into one, then EOF."""
@@ -54,8 +49,7 @@ class Merged:
     async def _pump(self, i: int, call) -> None:
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
-                for event in events(message):
-                    await self._queue.put((i, event))
+                await self._queue.put((i, message))
             await self._queue.put((i, grpc.aio.EOF))
         except Exception as failure:  # noqa: BLE001 - handed to the reader, who raises it
             await self._queue.put((i, failure))
@@ -162,8 +156,7 @@ class _Pending:
 
 async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tally: Tally) -> pb.Finished:
     """Streams deltas as content chunks, merging each choice's while the client's socket is backed
-    up; writes each choice's finish chunk as it ends (the last one's with the Finished usage).
-    Every chunk of one gRPC message goes out in one write."""
+    up; writes each choice's finish chunk as it ends (the last one's with the Finished usage)."""
     state = request.app[STATE]
     message = await _first_message(sink, call, state.config.keepalive_s)
     itl = state.metrics.itl.labels(encoder.model)
@@ -172,60 +165,57 @@ async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tal
     open_choices = job.choices
     last_reason, last_index = "stop", 0
     with_logprobs = job.logprobs
-    out: list[bytes] = []
 
-    def flush(index: int) -> None:
+    async def flush(index: int) -> None:
         held = pending.pop(index, None)
         if held is not None:
-            out.append(encoder.content("".join(held.parts), index, held.logprobs if with_logprobs else None))
+            await sink.write(encoder.content("".join(held.parts), index, held.logprobs if with_logprobs else None))
 
     while message is not grpc.aio.EOF:
-        backed_up = sink.backed_up()
-        now = time.monotonic()
-        for event in events(message):
-            if event.HasField("delta"):
-                delta = event.delta
-                if not tally.time_to_first_token_ns:
-                    tally.first_token()
-                else:
-                    itl.observe(now - last)
-                last = now
-                tally.completion_tokens += delta.token_count
-                if delta.HasField("tool_call"):
-                    flush(delta.index)
-                    out.append(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
-                elif not backed_up and delta.index not in pending:
-                    out.append(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None))
-                else:
-                    held = pending.setdefault(delta.index, _Pending())
-                    held.parts.append(delta.text)
-                    held.chars += len(delta.text)
-                    held.logprobs.extend(delta.logprobs)
-                    if not backed_up or held.chars >= MAX_PENDING_CHARS:
-                        flush(delta.index)
-            elif event.HasField("choice_finished"):
-                ended = event.choice_finished
-                flush(ended.index)
-                open_choices -= 1
-                reason = FINISH_REASONS.get(ended.finish_reason, "stop")
-                if open_choices:
-                    out.append(encoder.finish(reason, None, ended.index))
-                else:
-                    last_reason, last_index = reason, ended.index  # written with the usage, next
-            elif event.HasField("finished"):
-                for index in list(pending):
-                    flush(index)
-                finished = event.finished
-                usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
-                out.append(encoder.finish(last_reason, usage, last_index))
-                await sink.write(b"".join(out), backed_up=backed_up)
-                # Finished is the last event: reading on to the end of the stream completes the call
-                # (and the tracing interceptor's client span, which ends when the stream does).
-                await call.read()
-                return finished
-        if out:
-            await sink.write(out[0] if len(out) == 1 else b"".join(out), backed_up=backed_up)
-            out.clear()
+        if message.HasField("delta"):
+            delta = message.delta
+            now = time.monotonic()
+            if not tally.time_to_first_token_ns:
+                tally.first_token()
+            else:
+                itl.observe(now - last)
+            last = now
+            tally.completion_tokens += delta.token_count
+            if delta.HasField("tool_call"):
+                await flush(delta.index)
+                await sink.write(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
+                message = await call.read()
+                continue
+            backed_up = sink.backed_up()
+            if not backed_up and delta.index not in pending:
+                await sink.write(encoder.content(delta.text, delta.index, delta.logprobs if with_logprobs else None),
+                                 backed_up=False)
+            else:
+                held = pending.setdefault(delta.index, _Pending())
+                held.parts.append(delta.text)
+                held.chars += len(delta.text)
+                held.logprobs.extend(delta.logprobs)
+                if not backed_up or held.chars >= MAX_PENDING_CHARS:
+                    await flush(delta.index)
+        elif message.HasField("choice_finished"):
+            ended = message.choice_finished
+            await flush(ended.index)
+            open_choices -= 1
+            reason = FINISH_REASONS.get(ended.finish_reason, "stop")
+            if open_choices:
+                await sink.write(encoder.finish(reason, None, ended.index))
+            else:
+                last_reason, last_index = reason, ended.index  # written with the usage, next
+        elif message.HasField("finished"):
+            for index in list(pending):
+                await flush(index)
+            finished = message.finished
+            usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
+            await sink.write(encoder.finish(last_reason, usage, last_index))
+            # Finished is the last event: reading on to the end of the stream completes the call
+            # (and the tracing interceptor's client span, which ends when the stream does).
+            await call.read()
+            return finished
         message = await call.read()
     raise Unavailable("the inference stream ended before the generation finished")
 
@@ -279,18 +269,17 @@ async def complete(call, job: Job, tally: Tally) -> web.Response:
     choices = [Choice(i) for i in range(job.choices)]
     finished = None
     while (message := await call.read()) is not grpc.aio.EOF:
-        for event in events(message):
-            if event.HasField("delta"):
-                delta = event.delta
-                if not tally.time_to_first_token_ns:
-                    tally.first_token()
-                tally.completion_tokens += delta.token_count
-                choices[delta.index].add(delta)
-            elif event.HasField("choice_finished"):
-                ended = event.choice_finished
-                choices[ended.index].finish_reason = FINISH_REASONS.get(ended.finish_reason, "stop")
-            elif event.HasField("finished"):
-                finished = event.finished
+        if message.HasField("delta"):
+            delta = message.delta
+            if not tally.time_to_first_token_ns:
+                tally.first_token()
+            tally.completion_tokens += delta.token_count
+            choices[delta.index].add(delta)
+        elif message.HasField("choice_finished"):
+            ended = message.choice_finished
+            choices[ended.index].finish_reason = FINISH_REASONS.get(ended.finish_reason, "stop")
+        elif message.HasField("finished"):
+            finished = message.finished
     if finished is None:
         raise Unavailable("the inference stream ended before the generation finished")
     tally.completion_tokens = finished.usage.completion_tokens

@@ -67,7 +67,6 @@ async def generate_many(generate, verifier: TokenVerifier, requests: AsyncIterat
             async with observe(GENERATE, {"traceparent": start.traceparent} if start.traceparent else {}):
                 acting_as(await verifier.verify(start.authorization, INFERENCE_AUDIENCE))
                 request = start.start
-                request.accept_batches = False  # the stream groups events across calls
                 try:
                     async with asyncio.timeout(start.timeout_ms / 1000 if start.timeout_ms else None):
                         async with contextlib.aclosing(generate(request)) as events:

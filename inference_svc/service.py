@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,7 +14,6 @@ from cloudach.billing.v1 import billing_pb2 as bpb
 from cloudach.errors import ResourceExhausted, Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
-from inference_svc.batching import read_ahead
 from inference_svc.mux import generate_many
 from inference_svc.config import InferenceConfig
 from inference_svc.engine import Engine
@@ -35,13 +33,6 @@ def trace_headers() -> dict[str, str]:
     headers: dict[str, str] = {}
     propagate.inject(headers)
     return headers
-
-
-async def _alone(events: AsyncIterator[pb.GenerateResponse]) -> AsyncIterator[list[pb.GenerateResponse]]:
-    """One event per message, for a caller that does not read batches."""
-    async with aclosing(events):
-        async for event in events:
-            yield [event]
 
 
 class InferenceMetrics:
@@ -117,16 +108,14 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             # Accepted: the caller may commit to a successful response before the first token.
             accepted_at_ms = int(time.time() * 1000)
             yield pb.GenerateResponse(accepted=pb.Accepted(prompt_tokens=plan.prompt_tokens))
-            events = stream_generation(plan, self._engine, self._config.max_request_s, outcome)
             first = True
-            async with aclosing(read_ahead(events) if request.accept_batches else _alone(events)) as groups:
-                async for group in groups:
-                    if first and any(event.HasField("delta") for event in group):
-                        span.add_event("gen_ai.first_token")
-                        first = False
-                    if group[-1].HasField("finished"):
-                        result = bpb.OUTCOME_COMPLETED
-                    yield group[0] if len(group) == 1 else pb.GenerateResponse(batch=pb.EventBatch(events=group))
+            async for event in stream_generation(plan, self._engine, self._config.max_request_s, outcome):
+                if first and event.HasField("delta"):
+                    span.add_event("gen_ai.first_token")
+                    first = False
+                if event.HasField("finished"):
+                    result = bpb.OUTCOME_COMPLETED
+                yield event
             span.set_attributes({
                 "gen_ai.usage.output_tokens": outcome.completion_tokens,
                 "gen_ai.response.finish_reasons": (pb.FinishReason.Name(outcome.finish_reason).removeprefix("FINISH_REASON_").lower(),),

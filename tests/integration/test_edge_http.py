@@ -51,9 +51,10 @@ def payloads(raw: bytes) -> list[dict]:
     return out
 
 
-async def test_streamed_bytes_follow_the_guides_wire_format(registry, auth):
+@pytest.mark.parametrize("multiplex", [True, False], ids=["shared streams", "a stream per call"])
+async def test_streamed_bytes_follow_the_guides_wire_format(registry, auth, multiplex):
     generated = sum(map(len, steps(registry)))
-    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth) as url:
+    async with edge_over_fake(FakeEngine(steps=steps(registry)), registry, auth, multiplex=multiplex) as url:
         status, headers, raw = await post(url, {**CHAT, "stream": True}, headers={**AUTH, "x-request-id": "my-req-1"})
     assert status == 200
     assert headers["Content-Type"] == "text/event-stream"

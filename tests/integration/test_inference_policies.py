@@ -8,7 +8,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloudach.errors import Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from tools.launcher.ports import free_ports
@@ -109,74 +108,3 @@ async def test_a_valid_request_is_acknowledged_with_its_prompt_size_before_any_t
                 await refused.read()  # no Accepted: the refusal is the first thing the caller sees
             assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
-
-def flattened(messages):
-    """Each message's events, a batch's in order."""
-    return [event for m in messages for event in (m.batch.events if m.HasField("batch") else [m])]
-
-
-async def test_a_caller_that_reads_batches_gets_every_event_in_order_in_fewer_messages(registry, auth):
-    words = [registry.get(MODEL).tokenizer.encode(f" w{i}") for i in range(120)]
-    engine = FakeEngine(steps=words)  # the model outruns the stream: events pile up behind each write
-    base = dict(model=MODEL, messages=CHAT, sampling=pb.SamplingParameters(seed=7))
-    async with serving(engine, registry, auth) as running:
-        async with authed_channel(running.address, auth) as channel:
-            stub = inference_pb2_grpc.InferenceServiceStub(channel)
-            alone = await drain(stub, pb.GenerateRequest(**base))
-            grouped = await drain(stub, pb.GenerateRequest(**base, accept_batches=True))
-    assert not any(m.HasField("batch") for m in alone)  # a caller that did not ask gets one event a message
-    events = flattened(grouped)
-    for finished in (alone[-1], events[-1]):
-        finished.finished.ClearField("timing")  # the only part that differs: how long it took
-    assert events == alone
-    assert "".join(e.delta.text for e in alone if e.HasField("delta")) == "".join(f" w{i}" for i in range(120))
-    assert len(grouped) < len(alone) / 2, (len(grouped), len(alone))
-    assert all(e.WhichOneof("event") != "batch" for e in flattened(grouped))  # never a batch in a batch
-
-
-async def test_batches_never_hold_an_event_back_for_company(registry, auth):
-    word = registry.get(MODEL).tokenizer.encode(" slow")
-    engine = FakeEngine(steps=[word] * 8, delay_s=0.05)  # a caller that keeps up with the model
-    async with serving(engine, registry, auth) as running:
-        async with authed_channel(running.address, auth) as channel:
-            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
-                pb.GenerateRequest(model=MODEL, messages=CHAT, accept_batches=True))
-            assert (await call.read()).HasField("accepted")
-            started = asyncio.get_running_loop().time()
-            first = await call.read()
-            waited = asyncio.get_running_loop().time() - started
-            rest = [m async for m in call]
-    assert first.HasField("delta") and waited < 0.5
-    # each token in a message of its own, as it came; the last one's end may share its message
-    assert [m.WhichOneof("event") for m in [first, *rest]][:7] == ["delta"] * 7
-    assert sum(e.HasField("delta") for e in flattened([first, *rest])) == 8
-
-
-async def test_a_failure_after_batched_events_reaches_the_caller_after_them(registry, auth):
-    word = registry.get(MODEL).tokenizer.encode(" ok")
-    engine = FakeEngine(steps=[word] * 50, fail_after=20, error=Unavailable("triton went away"))
-    async with serving(engine, registry, auth) as running:
-        async with authed_channel(running.address, auth) as channel:
-            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
-                pb.GenerateRequest(model=MODEL, messages=CHAT, accept_batches=True))
-            received = []
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                async with asyncio.timeout(30):
-                    async for message in call:
-                        received.append(message)
-    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "".join(e.delta.text for e in flattened(received) if e.HasField("delta")) == " ok" * 20
-
-
-async def test_a_batching_caller_that_goes_away_cancels_the_generation(registry, auth):
-    engine = FakeEngine(steps=[[100]] * 500, delay_s=0.01)
-    async with serving(engine, registry, auth) as running:
-        async with authed_channel(running.address, auth) as channel:
-            call = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
-                pb.GenerateRequest(request_id="gone", model=MODEL, messages=CHAT, accept_batches=True))
-            await call.read()
-            await call.read()
-            call.cancel()
-            await asyncio.sleep(0.3)
-            assert running.service.active_streams == 0
-    assert engine.cancelled == ["gone"] and not engine.completed
