@@ -78,17 +78,24 @@ def workers(options: Options) -> list[dict]:
     return rows
 
 
-def loops(options: Options) -> list[dict]:
-    """Every service on asyncio's event loop, then on uvloop: one stream at a GPU's pace (TTFT),
-    then the relay at the first relay concurrency."""
+#: the per-token path's levers, each against the configuration before it, in one run
+LEVERS = (
+    ("a stream per call", {"CLOUDACH_EDGE_MULTIPLEX": "0", "CLOUDACH_EVENT_LOOP": "asyncio"}),
+    ("shared streams", {"CLOUDACH_EDGE_MULTIPLEX": "1", "CLOUDACH_EVENT_LOOP": "asyncio"}),
+    ("shared streams, uvloop", {"CLOUDACH_EDGE_MULTIPLEX": "1", "CLOUDACH_EVENT_LOOP": "uvloop"}),
+)
+
+
+def levers(options: Options) -> list[dict]:
+    """Each lever's configuration: one stream at a GPU's pace (time to first token), then the
+    relay at the first relay concurrency (CPU per token)."""
     rows = []
-    for loop in ("asyncio", "uvloop"):
-        env = {"CLOUDACH_EVENT_LOOP": loop}
+    for name, env in LEVERS:
         with bench_stack(SYNTHETIC, options.tokens_per_s, extra_env=env) as stack:
-            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), f"{loop}: edge", 1,
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), f"{name}: edge", 1,
                                              options, stack.pids)))
         with bench_stack(SYNTHETIC, 0, extra_env=env) as stack:
-            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), f"{loop}: edge",
+            rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key), f"{name}: edge",
                                              options.relay_concurrency[0], options, stack.pids, ramp_s=0.5)))
     return rows
 
