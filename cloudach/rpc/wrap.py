@@ -25,22 +25,17 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> grpc.
                 return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-    if handler.unary_stream:
-        stream_behavior = handler.unary_stream
 
+    def streaming(behavior):  # a server stream: around the whole stream, its request one or many
         async def stream(request: Any, context: Any):
             async with around(context):
-                async for response in stream_behavior(request, context):
+                async for response in behavior(request, context):
                     yield response
 
-        return grpc.unary_stream_rpc_method_handler(stream, **serializers)
+        return stream
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **serializers)
     if handler.stream_stream:
-        streams_behavior = handler.stream_stream
-
-        async def streams(requests: Any, context: Any):
-            async with around(context):
-                async for response in streams_behavior(requests, context):
-                    yield response
-
-        return grpc.stream_stream_rpc_method_handler(streams, **serializers)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **serializers)
     raise TypeError("client-streaming handlers are not wrapped: none of our services has one")
