@@ -25,6 +25,7 @@ import grpc
 from opentelemetry import propagate
 
 from cloudach.inference.v1 import inference_pb2 as pb
+from cloudach.rpc.errors import DRAINING, error_from_rpc
 
 log = logging.getLogger(__name__)
 EOF = grpc.aio.EOF
@@ -133,7 +134,10 @@ class _Stream:
                         call.deliver(EOF)
                     else:
                         error = event.error
-                        call.deliver(_error(_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error.status))
+                        failure = _error(_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error.status)
+                        if error_from_rpc(failure).code == DRAINING:
+                            self.retire()  # this inference_svc is stopping: no more calls here
+                        self._on_failed(call, failure)
                     self._end_if_idle()
         except grpc.aio.AioRpcError as error:
             failure = error

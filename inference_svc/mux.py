@@ -15,10 +15,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from cloudach.errors import CloudachError, DeadlineExceeded, Internal
+from cloudach.errors import CloudachError, DeadlineExceeded, Internal, Unavailable
 from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.rpc.auth import acting_as
-from cloudach.rpc.errors import to_status
+from cloudach.rpc.errors import DRAINING, to_status
 from cloudach.tokens import INFERENCE_AUDIENCE, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ def mux_error(error: BaseException) -> pb.MuxError:
 
 
 async def generate_many(generate, verifier: TokenVerifier, requests: AsyncIterator[pb.MuxRequest],
-                        observe=None) -> AsyncIterator[pb.MuxResponse]:
+                        observe=None, draining=lambda: False) -> AsyncIterator[pb.MuxResponse]:
     """generate(request) -> Generate's events, run in the call's own task as its caller;
-    observe(method, trace carrier): the async context of a call's span and counts."""
+    observe(method, trace carrier): the async context of a call's span and counts; while
+    draining() a new call is refused UNAVAILABLE, reason "draining" (the caller goes elsewhere)."""
     observe = observe or _unobserved
     ready: list[pb.MuxEvent] = []
     more, room = asyncio.Event(), asyncio.Event()
@@ -65,6 +66,8 @@ async def generate_many(generate, verifier: TokenVerifier, requests: AsyncIterat
         try:
             # A span and counts of its own, as a Generate RPC would get (RpcObservability).
             async with observe(GENERATE, {"traceparent": start.traceparent} if start.traceparent else {}):
+                if draining():
+                    raise Unavailable("inference_svc is shutting down; retry", code=DRAINING)
                 acting_as(await verifier.verify(start.authorization, INFERENCE_AUDIENCE))
                 request = start.start
                 try:

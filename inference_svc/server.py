@@ -102,6 +102,7 @@ async def running_inference(
             yield RunningInference(server, service)
         finally:
             watcher.cancel()
+            service.draining = True  # shared streams take no new calls: the edge sends them elsewhere
             await server.stop(config.shutdown_grace_s)
             await service.reports_written()  # the generations stop cut are reported before the outbox closes
             await engine.close()

@@ -55,6 +55,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         """verifier checks the tokens of calls carried by GenerateMany; observe gives each its
         span and counts (RpcObservability.observing)."""
         self._verifier, self._observe = verifier, observe
+        #: set as the server begins to stop: GenerateMany refuses new calls (gRPC refuses new RPCs)
+        self.draining = False
         self._registry = registry
         self._engine = engine
         self._config = config
@@ -156,7 +158,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         if self._verifier is None:
             raise Unavailable("this inference_svc carries no multiplexed calls")
         async for response in generate_many(lambda request: self.Generate(request, None), self._verifier, requests,
-                                             self._observe):
+                                             self._observe, lambda: self.draining):
             yield response
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -21,6 +21,8 @@ from cloudach.rpc.wrap import wrap_handler
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "cloudach.com"
+#: the reason (ErrorInfo) of a call a stopping server refuses: the caller should go elsewhere
+DRAINING = "draining"
 
 
 def to_status(error: CloudachError) -> grpc.Status:

@@ -196,3 +196,24 @@ async def test_a_call_whose_stream_dies_before_it_has_anything_is_started_again_
             stream.close()
             assert (await drain(call))[-1].HasField("finished") and call.stream is not stream
             await mux.close()
+
+
+async def test_a_stopping_server_refuses_new_calls_and_the_edge_moves_off_its_stream(registry, auth):
+    engine = FakeEngine(steps=[[100]] * 3)
+    async with serving(engine, registry, auth) as running:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel), streams=1)
+            warm = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+            await drain(warm)
+            running.service.draining = True  # what its shutdown sets before the gRPC server stops
+            refused = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await drain(refused)  # tried on a fresh stream too: this one server is stopping
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_from_rpc(raised.value).code == "draining"
+            assert warm.stream.retired and refused.retried
+            running.service.draining = False
+            assert (await drain(mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT),
+                                             metadata=bearer(auth))))[-1].HasField("finished")
+            await mux.close()
+    assert len(engine.requests) == 2
