@@ -5,6 +5,7 @@ failed on its own; streams retire and new calls go to fresh ones."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -24,6 +25,18 @@ CHAT = [pb.ChatMessage(role=pb.ROLE_USER, content="Hi")]
 
 def serving(engine, registry, auth, **config):
     return running_inference(inference_config(auth, **config), engine=engine, registry=registry)
+
+
+@contextlib.asynccontextmanager
+async def multiplexed(engine, registry, auth, stub=inference_pb2_grpc.InferenceServiceStub, **options):
+    """inference_svc over the fake engine, and the edge's Multiplexer on a channel to it."""
+    async with serving(engine, registry, auth) as running:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            mux = Multiplexer(stub(channel), **options)
+            try:
+                yield running, mux
+            finally:
+                await mux.close()
 
 
 def bearer(auth, audience=INFERENCE_AUDIENCE, *scopes) -> tuple[tuple[str, str], ...]:
@@ -71,149 +84,125 @@ class Counting(inference_pb2_grpc.InferenceServiceStub):
 async def test_many_calls_share_messages_and_each_gets_exactly_its_own_events(registry, auth):
     words = [registry.get(MODEL).tokenizer.encode(f" w{i}") for i in range(40)]
     engine = FakeEngine(steps=words, delay_s=0.005)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            stub = Counting(channel)
-            mux = Multiplexer(stub, streams=2)
-            calls = [mux.Generate(pb.GenerateRequest(request_id=f"c{i}", model=MODEL, messages=CHAT), timeout=30,
-                                  metadata=bearer(auth)) for i in range(30)]
-            results = await asyncio.gather(*(drain(c) for c in calls))
-            await mux.close()
+    async with multiplexed(engine, registry, auth, stub=Counting, streams=2) as (running, mux):
+        calls = [mux.Generate(pb.GenerateRequest(request_id=f"c{i}", model=MODEL, messages=CHAT), timeout=30,
+                              metadata=bearer(auth)) for i in range(30)]
+        results = await asyncio.gather(*(drain(c) for c in calls))
     text = "".join(f" w{i}" for i in range(40))
     for events in results:
         kinds = [e.WhichOneof("event") for e in events]
         assert kinds[0] == "accepted" and kinds[-2:] == ["choice_finished", "finished"]
         assert "".join(e.delta.text for e in events if e.HasField("delta")) == text
+    stub = mux._stub
     assert stub.events == 30 * 44 and stub.messages < stub.events * 0.75, (stub.messages, stub.events)
 
 
 async def test_each_call_brings_its_own_token_and_a_bad_one_fails_that_call_alone(registry, auth):
     engine = FakeEngine(steps=[[100]] * 5)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel), streams=1)
-            good = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            forged = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=(("authorization", "Bearer x"),))
-            elsewhere = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT),
-                                     metadata=bearer(auth, BILLING_AUDIENCE, "usage:write"))
-            assert (await drain(good))[-1].HasField("finished")
-            for call, code in ((forged, grpc.StatusCode.UNAUTHENTICATED), (elsewhere, grpc.StatusCode.UNAUTHENTICATED)):
-                with pytest.raises(grpc.aio.AioRpcError) as raised:
-                    await drain(call)
-                assert raised.value.code() == code
-            refused = mux.Generate(pb.GenerateRequest(model="nope", messages=CHAT), metadata=bearer(auth))
+    async with multiplexed(engine, registry, auth, streams=1) as (running, mux):
+        good = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        forged = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=(("authorization", "Bearer x"),))
+        elsewhere = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT),
+                                 metadata=bearer(auth, BILLING_AUDIENCE, "usage:write"))
+        assert (await drain(good))[-1].HasField("finished")
+        for call, code in ((forged, grpc.StatusCode.UNAUTHENTICATED), (elsewhere, grpc.StatusCode.UNAUTHENTICATED)):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await drain(refused)
-            # the same status a single Generate call gives, its details too
-            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-            assert error_from_rpc(raised.value).param == "model"
-            await mux.close()
+                await drain(call)
+            assert raised.value.code() == code
+        refused = mux.Generate(pb.GenerateRequest(model="nope", messages=CHAT), metadata=bearer(auth))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await drain(refused)
+        # the same status a single Generate call gives, its details too
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_from_rpc(raised.value).param == "model"
     assert len(engine.requests) == 1
 
 
 async def test_a_cancelled_call_stops_its_generation_and_the_others_go_on(registry, auth):
     engine = FakeEngine(steps=[[100]] * 300, delay_s=0.01)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel), streams=1)
-            leaving = mux.Generate(pb.GenerateRequest(request_id="gone", model=MODEL, messages=CHAT,
-                                                      stopping=pb.StoppingCriteria(max_new_tokens=300)), metadata=bearer(auth))
-            staying = mux.Generate(pb.GenerateRequest(request_id="stays", model=MODEL, messages=CHAT,
-                                                      stopping=pb.StoppingCriteria(max_new_tokens=30)), metadata=bearer(auth))
-            await leaving.read()
-            await leaving.read()
-            assert leaving.cancel()
-            assert (await leaving.read()) is grpc.aio.EOF
-            assert (await drain(staying))[-1].HasField("finished")
-            await asyncio.sleep(0.3)
-            assert running.service.active_streams == 0
-            await mux.close()
+    async with multiplexed(engine, registry, auth, streams=1) as (running, mux):
+        leaving = mux.Generate(pb.GenerateRequest(request_id="gone", model=MODEL, messages=CHAT,
+                                                  stopping=pb.StoppingCriteria(max_new_tokens=300)), metadata=bearer(auth))
+        staying = mux.Generate(pb.GenerateRequest(request_id="stays", model=MODEL, messages=CHAT,
+                                                  stopping=pb.StoppingCriteria(max_new_tokens=30)), metadata=bearer(auth))
+        await leaving.read()
+        await leaving.read()
+        assert leaving.cancel()
+        assert (await leaving.read()) is grpc.aio.EOF
+        assert (await drain(staying))[-1].HasField("finished")
+        await asyncio.sleep(0.3)
+        assert running.service.active_streams == 0
     # "gone" was stopped at once; "stays" ended at its 30 tokens (its generator closed too)
     assert engine.cancelled == ["gone", "stays"] and not engine.completed
 
 
 async def test_a_call_past_its_deadline_fails_deadline_exceeded(registry, auth):
     engine = FakeEngine(steps=[[100]] * 100, delay_s=0.05)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel))
-            call = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), timeout=0.3, metadata=bearer(auth))
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await drain(call)
-            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await mux.close()
+    async with multiplexed(engine, registry, auth) as (running, mux):
+        call = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), timeout=0.3, metadata=bearer(auth))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await drain(call)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_a_failure_mid_call_reaches_that_call_after_its_events(registry, auth):
     word = registry.get(MODEL).tokenizer.encode(" ok")
     engine = FakeEngine(steps=[word] * 10, fail_after=4, error=Unavailable("triton went away"))
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel))
-            call = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            received = []
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                async with asyncio.timeout(30):
-                    while (event := await call.read()) is not grpc.aio.EOF:
-                        received.append(event)
-            await mux.close()
+    async with multiplexed(engine, registry, auth) as (running, mux):
+        call = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async with asyncio.timeout(30):
+                while (event := await call.read()) is not grpc.aio.EOF:
+                    received.append(event)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "".join(e.delta.text for e in received if e.HasField("delta")) == " ok" * 4
 
 
 async def test_streams_retire_and_new_calls_go_to_fresh_ones_while_old_calls_finish(registry, auth):
     engine = FakeEngine(steps=[[100]] * 20, delay_s=0.02)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel), streams=1, retire_after_s=0.1)
-            first = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            await first.read()
-            await asyncio.sleep(0.2)
-            second = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            assert second.stream is not first.stream and first.stream.retired
-            assert (await drain(first))[-1].HasField("finished")  # the retired stream's call finishes
-            assert (await drain(second))[-1].HasField("finished")
-            await asyncio.sleep(0.2)
-            assert first.stream.closed  # and then the retired stream ended, cleanly
-            await mux.close()
+    async with multiplexed(engine, registry, auth, streams=1, retire_after_s=0.1) as (running, mux):
+        first = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        await first.read()
+        await asyncio.sleep(0.2)
+        second = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        assert second.stream is not first.stream and first.stream.retired
+        assert (await drain(first))[-1].HasField("finished")  # the retired stream's call finishes
+        assert (await drain(second))[-1].HasField("finished")
+        await asyncio.sleep(0.2)
+        assert first.stream.closed  # and then the retired stream ended, cleanly
 
 
 async def test_a_call_whose_stream_dies_before_it_has_anything_is_started_again_elsewhere(registry, auth):
     engine = FakeEngine(steps=[[100]] * 3)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel), streams=1)
-            warm = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            await drain(warm)
-            stream = warm.stream
-            call = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            assert call.stream is stream
-            # what the stream's reader does when its connection is reset before the call had a thing
-            stream.closed = True
-            stream.calls.pop(call.id, None)
-            stream._on_failed(call, grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
-                                                         grpc.aio.Metadata(), details="connection reset"))
-            stream.close()
-            assert (await drain(call))[-1].HasField("finished") and call.stream is not stream
-            await mux.close()
+    async with multiplexed(engine, registry, auth, streams=1) as (running, mux):
+        warm = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        await drain(warm)
+        stream = warm.stream
+        call = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        assert call.stream is stream
+        # what the stream's reader does when its connection is reset before the call had a thing
+        stream.closed = True
+        stream.calls.pop(call.id, None)
+        stream._on_failed(call, grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                                     grpc.aio.Metadata(), details="connection reset"))
+        stream.close()
+        assert (await drain(call))[-1].HasField("finished") and call.stream is not stream
 
 
 async def test_a_stopping_server_refuses_new_calls_and_the_edge_moves_off_its_stream(registry, auth):
     engine = FakeEngine(steps=[[100]] * 3)
-    async with serving(engine, registry, auth) as running:
-        async with grpc.aio.insecure_channel(running.address) as channel:
-            mux = Multiplexer(inference_pb2_grpc.InferenceServiceStub(channel), streams=1)
-            warm = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            await drain(warm)
-            running.service.draining = True  # what its shutdown sets before the gRPC server stops
-            refused = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await drain(refused)  # tried on a fresh stream too: this one server is stopping
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_from_rpc(raised.value).code == "draining"
-            assert warm.stream.retired and refused.retried
-            running.service.draining = False
-            assert (await drain(mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT),
-                                             metadata=bearer(auth))))[-1].HasField("finished")
-            await mux.close()
+    async with multiplexed(engine, registry, auth, streams=1) as (running, mux):
+        warm = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        await drain(warm)
+        running.service.draining = True  # what its shutdown sets before the gRPC server stops
+        refused = mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT), metadata=bearer(auth))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await drain(refused)  # tried on a fresh stream too: this one server is stopping
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_from_rpc(raised.value).code == "draining"
+        assert warm.stream.retired and refused.retried
+        running.service.draining = False
+        assert (await drain(mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT),
+                                         metadata=bearer(auth))))[-1].HasField("finished")
     assert len(engine.requests) == 2
