@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import grpc
 import pytest
@@ -81,12 +82,12 @@ class Counting(inference_pb2_grpc.InferenceServiceStub):
         self.GenerateMany = counted
 
 
+@dataclasses.dataclass
 class Lockstep(FakeEngine):
     """The fake engine as a batching engine runs: one decode step gives every running sequence its
     next tokens at once (each call waits for the next tick of a shared clock, 5 ms apart)."""
 
-    def __post_init__(self) -> None:
-        self.tick = asyncio.Event()
+    tick: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     async def clock(self) -> None:
         while True:
