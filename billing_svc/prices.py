@@ -10,16 +10,34 @@ from dataclasses import dataclass
 class Price:
     input_per_million_micros: int
     output_per_million_micros: int
+    #: prompt tokens served from a cached prefix (None in the file: the input price)
+    cached_input_per_million_micros: int | None = None
+
+    @property
+    def cached_input(self) -> int:
+        cached = self.cached_input_per_million_micros
+        return self.input_per_million_micros if cached is None else cached
+
+    def discounted(self, percent: int) -> Price:
+        """These prices less percent (the batch discount), rounded down."""
+        def off(micros: int) -> int:
+            return micros * (100 - percent) // 100
+        return Price(off(self.input_per_million_micros), off(self.output_per_million_micros), off(self.cached_input))
+
+
+FREE = Price(0, 0, 0)
 
 
 @dataclass(frozen=True)
 class PriceList:
     currency: str
     models: dict[str, Price]
+    #: batch jobs' requests cost this percent less
+    batch_discount_percent: int = 0
 
     def price(self, model: str) -> Price:
         """An unpriced model still gets its usage recorded, at zero: tokens are never dropped."""
-        return self.models.get(model, Price(0, 0))
+        return self.models.get(model, FREE)
 
 
 def load_prices(path: str) -> PriceList:
@@ -27,13 +45,19 @@ def load_prices(path: str) -> PriceList:
         document = tomllib.load(f)
     models = {}
     for name, entry in document.get("models", {}).items():
-        price = Price(int(entry["input_per_million_micros"]), int(entry["output_per_million_micros"]))
-        if price.input_per_million_micros < 0 or price.output_per_million_micros < 0:
+        cached = entry.get("cached_input_per_million_micros")
+        price = Price(int(entry["input_per_million_micros"]), int(entry["output_per_million_micros"]),
+                      None if cached is None else int(cached))
+        if min(price.input_per_million_micros, price.output_per_million_micros, price.cached_input) < 0:
             raise ValueError(f"{path}: negative price for {name}")
         models[name] = price
-    return PriceList(document.get("currency", "USD"), models)
+    discount = int(document.get("batch_discount_percent", 0))
+    if not 0 <= discount <= 100:
+        raise ValueError(f"{path}: batch_discount_percent must be 0 to 100")
+    return PriceList(document.get("currency", "USD"), models, discount)
 
 
-def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price) -> int:
+def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price, cached_tokens: int = 0) -> int:
     """Integer micro-units, rounded down once (apply it to totals, not to each request)."""
-    return (prompt_tokens * price.input_per_million_micros + completion_tokens * price.output_per_million_micros) // 1_000_000
+    return ((prompt_tokens - cached_tokens) * price.input_per_million_micros + cached_tokens * price.cached_input
+            + completion_tokens * price.output_per_million_micros) // 1_000_000

@@ -7,8 +7,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter
 
-from billing_svc.prices import Price, PriceList
-from billing_svc.store import Bucket, Record, UsageStore
+from billing_svc.prices import FREE, Price, PriceList
+from billing_svc.store import Bucket, Group, Grouping, Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1 import billing_pb2_grpc
 from cloudach.errors import InvalidArgument, PermissionDenied, shown
@@ -38,7 +38,7 @@ def _record(message: pb.UsageRecord) -> Record:
         model=message.model, prompt_tokens=message.prompt_tokens, completion_tokens=message.completion_tokens,
         outcome=OUTCOMES[message.outcome], started_at_ms=message.started_at.ToMilliseconds(),
         ended_at_ms=message.ended_at.ToMilliseconds(), time_to_first_token_ns=message.time_to_first_token_ns,
-        user=message.user,
+        user=message.user, cached_tokens=min(message.cached_tokens, message.prompt_tokens), batch_id=message.batch_id,
     )
 
 
@@ -48,20 +48,34 @@ def _price(record: Record, prices: PriceList) -> Price:
     the edge's crash: `interrupted`) is priced at zero; one the client cancelled pays for what was
     generated until then."""
     if record.outcome in ("failed_mid_stream", "interrupted"):
-        return Price(0, 0)
-    return prices.price(record.model)
+        return FREE
+    price = prices.price(record.model)
+    return price.discounted(prices.batch_discount_percent) if record.batch_id else price
 
 
 def _bucket(b: Bucket) -> pb.UsageBucket:
     return pb.UsageBucket(day=b.day, model=b.model, requests=b.requests, prompt_tokens=b.prompt_tokens,
-                          completion_tokens=b.completion_tokens, cost_micros=b.cost_micros)
+                          completion_tokens=b.completion_tokens, cost_micros=b.cost_micros, cached_tokens=b.cached_tokens)
+
+
+def _group(g: Group) -> pb.UsageGroup:
+    return pb.UsageGroup(
+        bucket=g.bucket, key_id=g.key_id or "", model=g.model or "", batch=bool(g.batch), requests=g.requests,
+        input_tokens=g.input_tokens, input_cached_tokens=g.input_cached_tokens, output_tokens=g.output_tokens,
+        input_cost_picos=g.input_cost_picos, cached_input_cost_picos=g.cached_input_cost_picos,
+        output_cost_picos=g.output_cost_picos)
+
+
+#: bucket widths OpenAI's usage API knows (1m, 1h, 1d), and the most buckets one query may span
+BUCKET_WIDTHS_S = (60, 3_600, 86_400)
+MAX_BUCKETS = 10_000
 
 
 #: the last millisecond a protobuf Timestamp holds (9999-12-31T23:59:59.999Z)
 MAX_UNIX_MS = 253_402_300_799_999
 
 
-def _range(request: pb.GetUsageRequest) -> tuple[int, int]:
+def _range(request: pb.GetUsageRequest | pb.AggregateUsageRequest) -> tuple[int, int]:
     start = request.start_time.ToMilliseconds() if request.HasField("start_time") else 0
     end = request.end_time.ToMilliseconds() if request.HasField("end_time") else int(time.time() * 1000) + 86_400_000
     for name, ms in (("start_time", start), ("end_time", end)):
@@ -115,5 +129,27 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
         total = pb.UsageBucket(
             requests=sum(b.requests for b in buckets), prompt_tokens=sum(b.prompt_tokens for b in buckets),
             completion_tokens=sum(b.completion_tokens for b in buckets), cost_micros=sum(b.cost_micros for b in buckets),
+            cached_tokens=sum(b.cached_tokens for b in buckets),
         )
         return pb.GetUsageResponse(buckets=[_bucket(b) for b in buckets], total=total, currency=self._prices.currency)
+
+    async def AggregateUsage(self, request: pb.AggregateUsageRequest, context) -> pb.AggregateUsageResponse:
+        claims = require(USAGE_READ)
+        if not request.organization:
+            raise InvalidArgument("organization is required", param="organization")
+        if ALL_ORGANIZATIONS not in scopes(claims) and request.organization != str(claims.get("org", "")):
+            raise PermissionDenied("reading another organization's usage needs a platform admin key",
+                                   code="admin_required")
+        if request.bucket_width_s not in BUCKET_WIDTHS_S:
+            raise InvalidArgument(f"bucket_width_s must be one of {BUCKET_WIDTHS_S}", param="bucket_width_s")
+        start, end = _range(request)
+        if (end - start) // (request.bucket_width_s * 1000) > MAX_BUCKETS:
+            raise InvalidArgument(f"the range spans more than {MAX_BUCKETS} buckets", param="end_time")
+        grouping = Grouping(
+            organization=request.organization, start_ms=start, end_ms=end, bucket_ms=request.bucket_width_s * 1000,
+            by_key=request.group_by_key, by_model=request.group_by_model, by_batch=request.group_by_batch,
+            key_ids=tuple(request.key_ids), models=tuple(request.models),
+            batch=request.batch if request.HasField("batch") else None,
+        )
+        groups = await self._store.aggregate(grouping)
+        return pb.AggregateUsageResponse(groups=[_group(g) for g in groups], currency=self._prices.currency)

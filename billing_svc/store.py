@@ -58,10 +58,21 @@ MIGRATIONS = [
     CREATE INDEX generation_reports_request ON generation_reports (request_id);
     CREATE INDEX generation_reports_received ON generation_reports (received_at_ms)
     """,
+    # Prompt caching (the model's count of prompt tokens served from a cached prefix, and their
+    # price) and batch jobs' requests; the usage API reads time ranges of an organization.
+    """
+    ALTER TABLE usage_records ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_records ADD COLUMN cached_input_per_million_micros BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_records ADD COLUMN batch_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX usage_records_org_started ON usage_records (organization, started_at_ms)
+    """,
 ]
+#: a row's cost in pico-units of the currency (tokens × micro-units per million); sum, then // 1,000,000
+COST_PICOS = ("(prompt_tokens - cached_tokens) * input_per_million_micros + cached_tokens * cached_input_per_million_micros"
+              " + completion_tokens * output_per_million_micros")
 _LEDGER_COLUMNS = ("request_id, key_id, organization, model, prompt_tokens, completion_tokens, outcome, started_at_ms, "
                    "ended_at_ms, time_to_first_token_ns, day, input_per_million_micros, output_per_million_micros, "
-                   "end_user, source")
+                   "end_user, source, cached_tokens, cached_input_per_million_micros, batch_id")
 _REPLACED = ", ".join(f"{c} = excluded.{c}" for c in _LEDGER_COLUMNS.split(", ")[1:])
 
 
@@ -78,6 +89,10 @@ class Record:
     ended_at_ms: int
     time_to_first_token_ns: int
     user: str = ""
+    #: of prompt_tokens, those served from a cached prefix
+    cached_tokens: int = 0
+    #: the batch job it ran for ("" for an interactive request)
+    batch_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,39 @@ class Bucket:
     prompt_tokens: int
     completion_tokens: int
     cost_micros: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """AggregateUsage's question: an organization's requests started in [start_ms, end_ms), in
+    buckets of bucket_ms from start_ms, grouped by any of key, model and batch, filtered."""
+
+    organization: str
+    start_ms: int
+    end_ms: int
+    bucket_ms: int
+    by_key: bool = False
+    by_model: bool = False
+    by_batch: bool = False
+    key_ids: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    batch: bool | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    bucket: int
+    key_id: str | None
+    model: str | None
+    batch: bool | None
+    requests: int
+    input_tokens: int
+    input_cached_tokens: int
+    output_tokens: int
+    input_cost_picos: int
+    cached_input_cost_picos: int
+    output_cost_picos: int
 
 
 def utc_day(ms: int) -> str:
@@ -105,11 +153,12 @@ class UsageStore:
         """Stores the edge's record unless it has one with its request id; it replaces a row
         reconstructed from generation reports. Returns whether it changed the ledger."""
         changed = await self._db.execute(
-            f"INSERT INTO usage_records ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'edge') "
-            f"ON CONFLICT (request_id) DO UPDATE SET {_REPLACED} WHERE usage_records.source = 'inference'",
+            f"INSERT INTO usage_records ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'edge', "
+            f"?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET {_REPLACED} WHERE usage_records.source = 'inference'",
             (r.request_id, r.key_id, r.organization, r.model, r.prompt_tokens, r.completion_tokens, r.outcome,
              r.started_at_ms, r.ended_at_ms, r.time_to_first_token_ns, utc_day(r.started_at_ms),
-             price.input_per_million_micros, price.output_per_million_micros, r.user),
+             price.input_per_million_micros, price.output_per_million_micros, r.user,
+             min(r.cached_tokens, r.prompt_tokens), price.cached_input, r.batch_id),
         )
         return changed == 1
 
@@ -145,7 +194,7 @@ class UsageStore:
         for request_id, key_id, org, model, prompt, completion, started, ended in groups:
             added += await self._db.execute(
                 f"INSERT INTO usage_records ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'interrupted', ?, ?, 0, ?, 0, 0, "
-                "'', 'inference') ON CONFLICT (request_id) DO NOTHING",
+                "'', 'inference', 0, 0, '') ON CONFLICT (request_id) DO NOTHING",
                 (request_id, key_id, org, model, int(prompt), int(completion), int(started), int(ended),
                  utc_day(int(started))),
             )
@@ -159,19 +208,52 @@ class UsageStore:
         within = "" if organization is None else " AND organization = ?"
         rows = await self._db.fetchall(
             "SELECT day, model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
-            "SUM(prompt_tokens * input_per_million_micros + completion_tokens * output_per_million_micros) "
+            f"SUM({COST_PICOS}), SUM(cached_tokens) "
             f"FROM usage_records WHERE {column} = ?{within} AND started_at_ms >= ? AND started_at_ms < ? "
             "GROUP BY day, model ORDER BY day, model",
             (value, *(() if organization is None else (organization,)), start_ms, end_ms),
         )
-        return [Bucket(day, model, int(n), int(p), int(c), int(nano) // 1_000_000) for day, model, n, p, c, nano in rows]
+        return [Bucket(day, model, int(n), int(p), int(c), int(picos) // 1_000_000, int(cached))
+                for day, model, n, p, c, picos, cached in rows]
+
+    async def aggregate(self, q: Grouping) -> list[Group]:
+        """Sums per bucket and group, buckets in order (only those with requests)."""
+        keys = [("key_id", q.by_key), ("model", q.by_model), ("batch_id <> ''", q.by_batch)]
+        grouped = [column for column, wanted in keys if wanted]
+        where, args = ["organization = ?", "started_at_ms >= ?", "started_at_ms < ?"], [q.organization, q.start_ms, q.end_ms]
+        for column, values in (("key_id", q.key_ids), ("model", q.models)):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+        if q.batch is not None:
+            where.append("batch_id <> ''" if q.batch else "batch_id = ''")
+        bucket = f"(started_at_ms - {int(q.start_ms)}) / {int(q.bucket_ms)}"
+        rows = await self._db.fetchall(
+            f"SELECT {', '.join([bucket, *grouped])}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
+            "SUM(completion_tokens), SUM((prompt_tokens - cached_tokens) * input_per_million_micros), "
+            "SUM(cached_tokens * cached_input_per_million_micros), SUM(completion_tokens * output_per_million_micros) "
+            f"FROM usage_records WHERE {' AND '.join(where)} GROUP BY {', '.join([bucket, *grouped])} "
+            f"ORDER BY {', '.join(str(i + 1) for i in range(1 + len(grouped)))}",
+            tuple(args),
+        )
+        groups = []
+        for row in rows:
+            row = list(row)
+            index = int(row.pop(0))
+            named = {column: row.pop(0) for column in grouped}
+            numbers = [int(v or 0) for v in row]
+            groups.append(Group(index, named.get("key_id"), named.get("model"),
+                                None if "batch_id <> ''" not in named else bool(named["batch_id <> ''"]), *numbers))
+        return groups
 
     async def get(self, request_id: str) -> Record | None:
         row = await self._db.fetchone(
             "SELECT request_id, key_id, organization, model, prompt_tokens, completion_tokens, outcome, "
-            "started_at_ms, ended_at_ms, time_to_first_token_ns, end_user FROM usage_records WHERE request_id = ?",
+            "started_at_ms, ended_at_ms, time_to_first_token_ns, end_user, cached_tokens, batch_id "
+            "FROM usage_records WHERE request_id = ?",
             (request_id,),
         )
         if row is None:
             return None
-        return Record(*row[:4], int(row[4]), int(row[5]), row[6], int(row[7]), int(row[8]), int(row[9]), row[10])
+        return Record(*row[:4], int(row[4]), int(row[5]), row[6], int(row[7]), int(row[8]), int(row[9]), row[10],
+                      int(row[11]), row[12])

@@ -15,7 +15,7 @@ from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.outbox import ServiceToken, delivering
 from cloudach.rpc.client import service_channel
 from cloudach.telemetry import client_interceptors
-from edge import chat, completions, health, models, openapi, usage
+from edge import chat, completions, health, models, openapi, org_usage, usage
 from edge.admission import Admission
 from edge.auth import Authenticator
 from edge.config import EdgeConfig
@@ -103,6 +103,8 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.retrieve_model)
     app.router.add_get("/v1/usage", usage.get_usage)
+    app.router.add_get("/v1/organization/usage/completions", org_usage.completions_usage)
+    app.router.add_get("/v1/organization/costs", org_usage.costs)
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/openapi.json", openapi.openapi_json)

@@ -111,6 +111,8 @@ class Tally:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: of prompt_tokens, those the model served from a cached prefix
+    cached_tokens: int = 0
     #: inference_svc accepted it: from here on it is billed, whatever happens
     accepted: bool = False
     outcome: int = billing_pb2.OUTCOME_FAILED_MID_STREAM
@@ -121,6 +123,14 @@ class Tally:
     #: its usage record is in the outbox (a completed stream's is written before its [DONE])
     recorded: bool = False
 
-    def first_token(self) -> None:
+    def first_token(self, cached_tokens: int) -> None:
         self.time_to_first_token_ns = time.monotonic_ns() - self.started_ns
+        self.cached_tokens = cached_tokens
         trace.get_current_span().add_event("gen_ai.first_token")
+
+    def finished(self, finished: pb.Finished) -> None:
+        """The generation completed: its usage as inference_svc counted it (every call's, merged)."""
+        self.completion_tokens = finished.usage.completion_tokens
+        self.cached_tokens = finished.usage.cached_tokens
+        self.outcome = billing_pb2.OUTCOME_COMPLETED
+        self.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")

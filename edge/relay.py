@@ -73,6 +73,7 @@ class Merged:
                     self._finished.finish_reason = done.finish_reason
                 self._finished.usage.prompt_tokens += done.usage.prompt_tokens
                 self._finished.usage.completion_tokens += done.usage.completion_tokens
+                self._finished.usage.cached_tokens += done.usage.cached_tokens
                 self._running -= 1
                 if self._running:
                     continue
@@ -176,7 +177,7 @@ async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tal
             delta = message.delta
             now = time.monotonic()
             if not tally.time_to_first_token_ns:
-                tally.first_token()
+                tally.first_token(delta.cached_tokens)
             else:
                 itl.observe(now - last)
             last = now
@@ -210,7 +211,7 @@ async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tal
             for index in list(pending):
                 await flush(index)
             finished = message.finished
-            usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
+            usage = usage_dict(finished.usage)
             await sink.write(encoder.finish(last_reason, usage, last_index))
             # Finished is the last event: reading on to the end of the stream completes the call
             # (and the tracing interceptor's client span, which ends when the stream does).
@@ -235,12 +236,10 @@ async def stream(request: web.Request, call, job: Job, tally: Tally, record) -> 
         if opening:
             await sink.write(opening)
         finished = await _relay(request, sink, call, job, encoder, tally)
-        tally.completion_tokens = finished.usage.completion_tokens
-        tally.outcome = billing_pb2.OUTCOME_COMPLETED
-        tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")
+        tally.finished(finished)
         await asyncio.shield(record())
         if job.include_usage:
-            await sink.write(encoder.usage(usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)))
+            await sink.write(encoder.usage(usage_dict(finished.usage)))
         await sink.write(DONE)
     except (grpc.aio.AioRpcError, Unavailable) as failure:
         # After the 200 the error travels in-band; the SDKs raise it during iteration.
@@ -272,7 +271,7 @@ async def complete(call, job: Job, tally: Tally) -> web.Response:
         if message.HasField("delta"):
             delta = message.delta
             if not tally.time_to_first_token_ns:
-                tally.first_token()
+                tally.first_token(delta.cached_tokens)
             tally.completion_tokens += delta.token_count
             choices[delta.index].add(delta)
         elif message.HasField("choice_finished"):
@@ -282,9 +281,7 @@ async def complete(call, job: Job, tally: Tally) -> web.Response:
             finished = message.finished
     if finished is None:
         raise Unavailable("the inference stream ended before the generation finished")
-    tally.completion_tokens = finished.usage.completion_tokens
-    tally.outcome = billing_pb2.OUTCOME_COMPLETED
-    tally.finish_reason = FINISH_REASONS.get(finished.finish_reason, "stop")
-    usage = usage_dict(finished.usage.prompt_tokens, finished.usage.completion_tokens)
+    tally.finished(finished)
+    usage = usage_dict(finished.usage)
     body = json.dumps(job.format.body(job, choices, usage), ensure_ascii=False).encode()
     return web.Response(body=body, content_type="application/json")

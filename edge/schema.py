@@ -208,6 +208,16 @@ USAGE: Schema = {
         "prompt_tokens": {"type": "integer"},
         "completion_tokens": {"type": "integer"},
         "total_tokens": {"type": "integer"},
+        "prompt_tokens_details": {
+            "type": "object",
+            "properties": {"cached_tokens": {"type": "integer", "description": "Prompt tokens served from a cached prefix."},
+                           "audio_tokens": {"type": "integer"}},
+        },
+        "completion_tokens_details": {
+            "type": "object",
+            "properties": {name: {"type": "integer"} for name in (
+                "reasoning_tokens", "audio_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens")},
+        },
     },
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
 }

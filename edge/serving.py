@@ -167,6 +167,7 @@ def _usage_attributes(job: Job, tally: Tally) -> dict:
         "gen_ai.response.model": job.model,
         "gen_ai.usage.input_tokens": tally.prompt_tokens,
         "gen_ai.usage.output_tokens": tally.completion_tokens,
+        "gen_ai.usage.cache_read.input_tokens": tally.cached_tokens,
     }
     if tally.finish_reason:
         attributes["gen_ai.response.finish_reasons"] = (tally.finish_reason,)
@@ -180,7 +181,8 @@ async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tal
     ended.GetCurrentTime()
     record = billing_pb2.UsageRecord(
         request_id=job.id, key_id=principal.key_id, organization=principal.organization, model=job.model,
-        prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens, outcome=tally.outcome,
+        prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
+        cached_tokens=min(tally.cached_tokens, tally.prompt_tokens), outcome=tally.outcome,
         started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns, user=job.user,
     )
     state = request.app[STATE]

@@ -13,7 +13,7 @@ from edge.state import PRINCIPAL, STATE
 
 def _bucket(b: pb.UsageBucket) -> dict:
     return {"day": b.day or None, "model": b.model or None, "requests": b.requests, "prompt_tokens": b.prompt_tokens,
-            "completion_tokens": b.completion_tokens, "cost_micros": b.cost_micros}
+            "completion_tokens": b.completion_tokens, "cached_tokens": b.cached_tokens, "cost_micros": b.cost_micros}
 
 
 def usage_json(reply: pb.GetUsageResponse, scope: str, value: str) -> dict:

@@ -22,6 +22,9 @@ class Step:
     log_probs: list[float] | None = None
     #: for each token, the most likely alternatives as (token id, log probability), best first
     top_log_probs: list[list[tuple[int, float]]] | None = None
+    #: in a request's first step: how many of its prompt tokens the model served from reused KV
+    #: cells (a cached prefix) rather than evaluating them
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

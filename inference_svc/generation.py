@@ -207,6 +207,8 @@ class Outcome:
     counts the tokens the model has generated so far, so it is right for a cut stream too."""
 
     completion_tokens: int = 0
+    #: prompt tokens the model served from a cached prefix (its count, not ours)
+    cached_tokens: int = 0
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     time_to_first_token_ns: int = 0
 
@@ -338,6 +340,7 @@ async def stream_generation(
     request = plan.engine_request
     choices = [_Choice(i, plan) for i in range(request.n)]
     running = len(choices)
+    told_cached = False
 
     def end(choice: _Choice):
         nonlocal running
@@ -358,10 +361,13 @@ async def stream_generation(
                 continue  # ended by a stop sequence while the model went on
             if not outcome.time_to_first_token_ns:
                 outcome.time_to_first_token_ns = clock() - start
+                outcome.cached_tokens = min(step.cached_tokens, plan.prompt_tokens)
             counted = choice.generated
             deltas = choice.push(step)
             outcome.completion_tokens += choice.generated - counted  # so far: a cut stream's report
             for delta in deltas:
+                if not told_cached:
+                    delta.cached_tokens, told_cached = outcome.cached_tokens, True
                 yield pb.GenerateResponse(delta=delta)
             if choice.done:
                 for event in end(choice):
@@ -381,7 +387,8 @@ async def stream_generation(
     yield pb.GenerateResponse(
         finished=pb.Finished(
             finish_reason=outcome.finish_reason,
-            usage=pb.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=outcome.completion_tokens),
+            usage=pb.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                           cached_tokens=outcome.cached_tokens),
             timing=pb.Timing(time_to_first_token_ns=outcome.time_to_first_token_ns, total_ns=clock() - start),
             matched_stop_sequence=first.matched or "",
         )

@@ -9,6 +9,7 @@ name in Triton, its end and pad ids) comes from the registry's `[models.engine]`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -94,6 +95,7 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
         _tensor("seed", np.array([[r.seed]], dtype=np.uint64), "UINT64"),
         _tensor("presence_penalty", f32(r.presence_penalty), "FP32"),
         _tensor("frequency_penalty", f32(r.frequency_penalty), "FP32"),
+        _tensor("return_num_cached_tokens", np.array([[True]]), "BOOL"),
     ]
     if model.pad_id is not None:
         inputs.append(_tensor("pad_id", i32(model.pad_id), "INT32"))
@@ -236,6 +238,7 @@ class TritonEngine:
         propagate.inject(headers, context=trace.set_span_in_context(span))
         endpoint.in_flight += 1
         responses = endpoint.client.stream_infer(inputs_iterator=requests(), headers=headers)
+        first = True
         try:
             while True:
                 try:
@@ -253,6 +256,11 @@ class TritonEngine:
                     raise _in_band_error(error)
                 step = parse_step(result, request)
                 if step is not None:
+                    if first:  # the prompt's reused KV cells: known once, read once
+                        first = False
+                        cached = result.as_numpy("num_cached_tokens")
+                        if cached is not None and cached.size:
+                            step = dataclasses.replace(step, cached_tokens=int(cached.reshape(-1)[0]))
                     yield step
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:

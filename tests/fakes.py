@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ class FakeEngine:
     n sequences in turn; with log probs asked for, FAKE_LOG_PROB for each token and top
     alternatives of the next ids down.
 
+    cached_tokens: the prompt tokens the first step says the model served from a cached prefix.
+
     fail_after: raise `error` after that many steps. Records every request, and whether the
     generation was cancelled (its iterator closed or its task cancelled before the end).
     """
@@ -27,6 +30,7 @@ class FakeEngine:
     fail_after: int | None = None
     error: Exception | None = None
     ready: bool = True
+    cached_tokens: int = 0
     requests: list[EngineRequest] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
@@ -41,7 +45,8 @@ class FakeEngine:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 for index in range(request.n):
-                    yield self._step(request, list(ids), index)
+                    step = self._step(request, list(ids), index)
+                    yield dataclasses.replace(step, cached_tokens=self.cached_tokens) if n == 0 else step
             done = True
         finally:
             (self.completed if done else self.cancelled).append(request.request_id)

@@ -56,9 +56,10 @@ async def _usage(args: argparse.Namespace, client: ClientSettings) -> int:
         print(json.dumps(body, indent=2))
         return 0
     rows = [*body["data"], {**body["total"], "day": "total", "model": ""}]
-    header = ("day", "model", "requests", "prompt_tokens", "completion_tokens", f"cost ({body['currency']})")
-    print(table(header, [(r["day"], r["model"], r["requests"], r["prompt_tokens"], r["completion_tokens"],
-                          f"{r['cost_micros'] / 1_000_000:.6f}") for r in rows]))
+    header = ("day", "model", "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
+              f"cost ({body['currency']})")
+    print(table(header, [(r["day"], r["model"], r["requests"], r["prompt_tokens"], r["cached_tokens"],
+                          r["completion_tokens"], f"{r['cost_micros'] / 1_000_000:.6f}") for r in rows]))
     return 0
 
 

@@ -209,7 +209,7 @@ class LlamaCppGenerator:
             hit = self._prefixes.lookup(request.input_ids)
             if hit is not None:  # the prompt's first blocks are kept: start after them
                 L.llama_memory_seq_cp(self._memory, hit.sequence_id, sequences[0].slot, 0, hit.tokens)
-                running.prefilled = hit.tokens
+                running.prefilled = job.cached_tokens = hit.tokens
                 self._metrics.cached_prompt_tokens.increment(hit.tokens)
             self._metrics.prompt_tokens.increment(len(request.input_ids))
             self._running.append(running)

@@ -162,6 +162,9 @@ class LlmApiGenerator:
             watcher = asyncio.create_task(self._abort_when_cancelled(job, result))
             try:
                 async for output in result:
+                    # The LLM API's count of prompt tokens served from reused KV blocks (its
+                    # OpenAI server reports the same as prompt_tokens_details.cached_tokens).
+                    job.cached_tokens = int(getattr(output, "cached_tokens", 0) or 0)
                     for sequence in output.outputs:
                         self._forward(job, sequence, ended)
             finally:

@@ -85,6 +85,8 @@ class GenerationRequest:
     sampling: Sampling
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    #: report the prompt tokens served from reused KV cells (num_cached_tokens)
+    return_num_cached_tokens: bool = False
 
     @property
     def kv_tokens_needed(self) -> int:
@@ -195,6 +197,7 @@ def parse(request_id: str, inputs: Inputs, limits: Limits) -> GenerationRequest:
         ),
         return_num_input_tokens=bool(_scalar(inputs, "return_num_input_tokens", False)),
         return_num_output_tokens=bool(_scalar(inputs, "return_num_output_tokens", False)),
+        return_num_cached_tokens=bool(_scalar(inputs, "return_num_cached_tokens", False)),
     )
     if request.kv_tokens_needed > limits.kv_cache_tokens:
         raise invalid("num_return_sequences", f"the prompt plus {n} × {max_new} new tokens needs "

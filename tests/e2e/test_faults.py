@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from cloudach import defaults as d
+from billing_svc.store import COST_PICOS
 from tests.e2e.conftest import MODEL, launch_stack
 
 STREAMS = 6
@@ -98,8 +99,7 @@ def _ledger(stack) -> dict[str, tuple]:
     path = stack.state_dir / "data" / d.BILLING_DATABASE
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         rows = db.execute("SELECT request_id, prompt_tokens, completion_tokens, outcome, source, "
-                          "prompt_tokens * input_per_million_micros + completion_tokens * output_per_million_micros "
-                          "FROM usage_records").fetchall()
+                          f"{COST_PICOS} FROM usage_records").fetchall()
     return {row[0]: row[1:] for row in rows}
 
 

@@ -15,6 +15,7 @@ import openai
 import psycopg
 import pytest
 
+from billing_svc.store import COST_PICOS
 from tests.e2e.conftest import MODEL, launch_stack
 from tests.e2e.test_faults import Seen, _wrong, streams_cut_by
 
@@ -72,8 +73,7 @@ async def _kill_under_load(stack, key: str, victim: str) -> tuple[list[Seen], li
 def _ledger() -> dict[str, tuple]:
     with psycopg.connect(DATABASE) as conn:
         rows = conn.execute("SELECT request_id, prompt_tokens, completion_tokens, outcome, source, "
-                            "prompt_tokens * input_per_million_micros + completion_tokens * output_per_million_micros "
-                            "FROM usage_records").fetchall()
+                            f"{COST_PICOS} FROM usage_records").fetchall()
     return {row[0]: row[1:] for row in rows}
 
 

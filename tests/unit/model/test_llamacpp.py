@@ -116,7 +116,12 @@ def test_a_reused_prompt_prefix_gives_the_same_tokens_as_evaluating_it(server, i
                 "bottle that washed up on the rocks one cold morning. Continue it.")
     assert len(story) > 64
     reused_before = server.metrics.cached_prompt_tokens.value
-    cold = run(server, make("cold", story, 24, seed=np.uint64(7)))[0]  # evaluated block by block, then kept
-    warm = run(server, make("warm", story, 24, seed=np.uint64(7)))[0]  # its whole blocks reused
-    assert server.metrics.cached_prompt_tokens.value - reused_before == (len(story) - 1) // 32 * 32
+    asked = {"seed": np.uint64(7), "return_num_cached_tokens": True}
+    cold = run(server, make("cold", story, 24, **asked))[0]  # evaluated block by block, then kept
+    warm = run(server, make("warm", story, 24, **asked))[0]  # its whole blocks reused
+    reused = (len(story) - 1) // 32 * 32
+    assert server.metrics.cached_prompt_tokens.value - reused_before == reused
     assert warm.sender.sequences() == cold.sender.sequences()
+    # Each response says how many prompt tokens came from the cache (inference_svc reports them).
+    assert {int(r.tensors["num_cached_tokens"][0, 0]) for r in cold.sender.responses} == {0}
+    assert {int(r.tensors["num_cached_tokens"][0, 0]) for r in warm.sender.responses} == {reused}
