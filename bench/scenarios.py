@@ -117,6 +117,37 @@ def real_model(options: Options, with_llama_server: bool = True) -> list[dict]:
     return rows
 
 
+#: a long system prompt (about 330 tokens), as a support bot or an agent sends with every request
+SYSTEM_PROMPT = ("You are the support assistant of a small bicycle shop. Answer briefly and politely. The shop "
+                 "opens at nine and closes at six, Monday to Saturday; it repairs every kind of bicycle, sells "
+                 "second-hand frames, and rents tandems by the hour. Never promise a repair date. ") * 6
+
+
+class PrefixDriver(HttpDriver):
+    """Chat requests with SYSTEM_PROMPT: the same each time (its blocks come from the model's prefix
+    cache), or, cold, made unique at its very start so no cached block matches."""
+
+    def __init__(self, base_url: str, api_key: str, cold: bool) -> None:
+        super().__init__(base_url, api_key, name="cold prompt" if cold else "cached prefix")
+        self.cold, self.sent = cold, 0
+
+    def _body(self, prompt: str, max_tokens: int) -> bytes:
+        self.sent += 1
+        system = f"Ticket {self.sent}. {SYSTEM_PROMPT}" if self.cold else SYSTEM_PROMPT
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Do you rent tandems?"}]}
+        return json.dumps(body).encode()
+
+
+def prefix(options: Options) -> list[dict]:
+    """Time to first token of a long prompt whose prefix the model has cached, against the same
+    prompt made cold, one stream at a time through the edge on the CPU model."""
+    with bench_stack(CPU) as stack:
+        drivers = [PrefixDriver(stack.base_url, stack.api_key, cold) for cold in (True, False)]
+        return [asyncio.run(_measure(d, d.name, 1, options, stack.pids, max_tokens=8)) for d in drivers]
+
+
 #: a JSON object the CPU model can fill in many ways (what a structured-output request asks)
 GUIDE_SCHEMA = ('{"type": "object", "properties": {"title": {"type": "string"}, "lines": {"type": "array", '
                 '"items": {"type": "string"}}}, "required": ["title", "lines"]}')

@@ -32,7 +32,7 @@ from edge.config import EdgeConfig
 from inference_svc.config import InferenceConfig
 from inference_svc.server import running_inference
 from tests.conftest import MODEL
-from tools.launcher.triton import TritonServer, start_triton
+from tools.launcher.triton import TritonServer, start_triton_ready
 
 #: Every service in these tests runs in this process: one tracer provider records all their spans.
 SPANS = InMemorySpanExporter()
@@ -106,13 +106,7 @@ def authed_channel(address: str, auth) -> grpc.aio.Channel:
 
 def launch_triton(tmp_path_factory) -> TritonServer:
     log = pathlib.Path(tmp_path_factory.mktemp("triton")) / "tritonserver.log"
-    server = start_triton(log)
-    try:
-        server.wait_ready(["tensorrt_llm"], timeout_s=120)
-    except Exception:
-        server.kill()
-        raise
-    return server
+    return start_triton_ready(log, ["tensorrt_llm"], timeout_s=120)
 
 
 def model_metrics(server: TritonServer) -> dict[str, float]:

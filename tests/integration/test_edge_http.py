@@ -71,7 +71,11 @@ async def test_streamed_bytes_follow_the_guides_wire_format(registry, auth, mult
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert last["choices"][0]["finish_reason"] == "stop"
     prompt = last["usage"]["prompt_tokens"]
-    assert last["usage"] == {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    assert last["usage"] == {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+                             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                           "accepted_prediction_tokens": 0,
+                                                           "rejected_prediction_tokens": 0}}
     assert all("usage" not in c for c in chunks[:-1])
 
 
