@@ -123,9 +123,8 @@ class Tally:
     #: its usage record is in the outbox (a completed stream's is written before its [DONE])
     recorded: bool = False
 
-    def first_token(self, cached_tokens: int) -> None:
+    def first_token(self) -> None:
         self.time_to_first_token_ns = time.monotonic_ns() - self.started_ns
-        self.cached_tokens = cached_tokens
         trace.get_current_span().add_event("gen_ai.first_token")
 
     def finished(self, finished: pb.Finished) -> None:

@@ -177,11 +177,13 @@ async def _relay(request: web.Request, sink: _Sink, call, job: Job, encoder, tal
             delta = message.delta
             now = time.monotonic()
             if not tally.time_to_first_token_ns:
-                tally.first_token(delta.cached_tokens)
+                tally.first_token()
             else:
                 itl.observe(now - last)
             last = now
             tally.completion_tokens += delta.token_count
+            # each call's first delta carries its prompt's cached tokens (a cut stream's record)
+            tally.cached_tokens += delta.cached_tokens
             if delta.HasField("tool_call"):
                 await flush(delta.index)
                 await sink.write(encoder.tool_call(delta.tool_call, delta.index, delta.logprobs if with_logprobs else None))
@@ -271,8 +273,9 @@ async def complete(call, job: Job, tally: Tally) -> web.Response:
         if message.HasField("delta"):
             delta = message.delta
             if not tally.time_to_first_token_ns:
-                tally.first_token(delta.cached_tokens)
+                tally.first_token()
             tally.completion_tokens += delta.token_count
+            tally.cached_tokens += delta.cached_tokens
             choices[delta.index].add(delta)
         elif message.HasField("choice_finished"):
             ended = message.choice_finished

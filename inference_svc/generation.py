@@ -342,12 +342,19 @@ async def stream_generation(
     running = len(choices)
     told_cached = False
 
+    def told(delta: pb.TokenDelta) -> pb.GenerateResponse:
+        """The request's first delta carries the prompt's cached tokens (for a stream cut later)."""
+        nonlocal told_cached
+        if not told_cached:
+            delta.cached_tokens, told_cached = outcome.cached_tokens, True
+        return pb.GenerateResponse(delta=delta)
+
     def end(choice: _Choice):
         nonlocal running
         running -= 1
         deltas, finished = choice.finish()
         for delta in deltas:
-            yield pb.GenerateResponse(delta=delta)
+            yield told(delta)
         yield pb.GenerateResponse(choice_finished=finished)
 
     async with aclosing(engine.generate(request)) as steps:
@@ -366,9 +373,7 @@ async def stream_generation(
             deltas = choice.push(step)
             outcome.completion_tokens += choice.generated - counted  # so far: a cut stream's report
             for delta in deltas:
-                if not told_cached:
-                    delta.cached_tokens, told_cached = outcome.cached_tokens, True
-                yield pb.GenerateResponse(delta=delta)
+                yield told(delta)
             if choice.done:
                 for event in end(choice):
                     yield event

@@ -57,12 +57,16 @@ class TritonModel:
     #: the model's vocabulary (its logits' length): embedding_bias, the logit bias, has one value each
     vocab_size: int
     pad_id: int | None = None
+    #: whether its config has return_num_cached_tokens (false while a Triton from before it serves:
+    #: Triton refuses an input its config does not declare)
+    reports_cached_tokens: bool = True
 
     @classmethod
     def from_table(cls, model_id: str, table: Mapping[str, Any]) -> TritonModel:
         try:
             return cls(table["triton_model"], int(table["end_id"]), int(table["vocab_size"]),
-                       None if table.get("pad_id") is None else int(table["pad_id"]))
+                       None if table.get("pad_id") is None else int(table["pad_id"]),
+                       bool(table.get("reports_cached_tokens", True)))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"model {model_id}: its [models.engine] table needs triton_model, end_id and "
                              f"vocab_size ({error})") from None
@@ -95,8 +99,9 @@ def build_inputs(r: EngineRequest, model: TritonModel) -> list[InferInput]:
         _tensor("seed", np.array([[r.seed]], dtype=np.uint64), "UINT64"),
         _tensor("presence_penalty", f32(r.presence_penalty), "FP32"),
         _tensor("frequency_penalty", f32(r.frequency_penalty), "FP32"),
-        _tensor("return_num_cached_tokens", np.array([[True]]), "BOOL"),
     ]
+    if model.reports_cached_tokens:
+        inputs.append(_tensor("return_num_cached_tokens", np.array([[True]]), "BOOL"))
     if model.pad_id is not None:
         inputs.append(_tensor("pad_id", i32(model.pad_id), "INT32"))
     if r.logit_bias:
@@ -260,7 +265,7 @@ class TritonEngine:
                         first = False
                         cached = result.as_numpy("num_cached_tokens")
                         if cached is not None and cached.size:
-                            step = dataclasses.replace(step, cached_tokens=int(cached.reshape(-1)[0]))
+                            step = dataclasses.replace(step, cached_tokens=max(0, int(cached.reshape(-1)[0])))
                     yield step
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:

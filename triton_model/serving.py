@@ -147,6 +147,7 @@ class Job:
     _held: dict[int, list[Step]] = field(default_factory=dict)
     #: the prompt's tokens whose KV cells the generator reused (set before its first emit)
     cached_tokens: int = 0
+    _told_cached: bool = False
     _outcome: str = COMPLETED
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -241,7 +242,8 @@ class Job:
             tensors.append(tensor("num_input_tokens", np.array([[len(self.request.input_ids)]], dtype=np.int32)))
         if self.request.return_num_output_tokens:
             tensors.append(tensor("num_output_tokens", np.array([[generated]], dtype=np.int32)))
-        if self.request.return_num_cached_tokens:
+        if self.request.return_num_cached_tokens and not self._told_cached:  # known once: sent once
+            self._told_cached = True
             tensors.append(tensor("num_cached_tokens", np.array([[self.cached_tokens]], dtype=np.int32)))
         return self.pb_utils.InferenceResponse(output_tensors=tensors)
 

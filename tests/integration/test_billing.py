@@ -34,8 +34,9 @@ from tests.fakes import FakeEngine
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
 
 
-def engine(registry, delay_s=0.0, words=5):
-    return FakeEngine(steps=[registry.get(MODEL).tokenizer.encode(" ok")] * words, delay_s=delay_s)
+def engine(registry, delay_s=0.0, words=5, cached_tokens=0):
+    return FakeEngine(steps=[registry.get(MODEL).tokenizer.encode(" ok")] * words, delay_s=delay_s,
+                      cached_tokens=cached_tokens)
 
 
 async def until(predicate, timeout_s=15.0):
@@ -280,8 +281,8 @@ async def test_a_model_missing_from_the_price_list_is_recorded_and_alerted_on(au
 
 async def test_a_client_that_leaves_is_billed_for_the_prompt_and_what_was_generated(registry, auth, billing):
     key = (await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "t", Limits()))[1]
-    async with running_inference(inference_config(auth), engine=engine(registry, delay_s=0.05, words=200),
-                                 registry=registry) as inf:
+    async with running_inference(inference_config(auth), engine=engine(registry, delay_s=0.05, words=200,
+                                                                       cached_tokens=2), registry=registry) as inf:
         async with running_edge(inf.address, auth.address, billing_target=billing.address) as url:
             async with aiohttp.ClientSession() as session:
                 async with session.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 200, "stream": True},
@@ -293,6 +294,7 @@ async def test_a_client_that_leaves_is_billed_for_the_prompt_and_what_was_genera
     billed = await billing.store.get(first["id"])
     assert billed.outcome == "cancelled_by_client"
     assert billed.prompt_tokens > 0 and 3 <= billed.completion_tokens < 200
+    assert billed.cached_tokens == 2  # told with the first token: a cut stream keeps its cached price
 
 
 async def test_cli_usage_prints_the_same_numbers(registry, auth, billing):
