@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from auth_svc import roles
 from auth_svc.keys import looks_like_a_key
-from auth_svc.store import ApiKey, KeyStore, Limits
+from auth_svc.store import ApiKey, Budget, KeyStore, Limits
 from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1 import auth_pb2_grpc
 from cloudach.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
@@ -38,6 +38,8 @@ def limits_pb(limits: Limits) -> pb.KeyLimits:
         tokens_per_minute=limits.tokens_per_minute,
         max_concurrent_streams=limits.max_concurrent_streams,
         allowed_models=list(limits.allowed_models),
+        budget_daily_micros=limits.budget_daily_micros,
+        budget_monthly_micros=limits.budget_monthly_micros,
     )
 
 
@@ -81,9 +83,12 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             if usage is not None:
                 usage_token, _ = self._signer.sign(key.key_id, claims, *usage)
         token, expires = self._signer.sign(key.key_id, claims, *grant)
+        budget = await self._store.organization_budget(key.organization)
         return pb.AuthenticateResponse(
             principal=pb.Principal(key_id=key.key_id, organization=key.organization, limits=limits_pb(key.limits),
-                                   admin=key.admin, role=ROLE_PB[key.role]),
+                                   admin=key.admin, role=ROLE_PB[key.role],
+                                   organization_budget=pb.Budget(daily_micros=budget.daily_micros,
+                                                                 monthly_micros=budget.monthly_micros)),
             token=token,
             token_expires_at=_timestamp(expires * 1000),
             usage_token=usage_token,
@@ -104,7 +109,8 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         l = request.limits
         key, secret = await self._store.create(
             organization, request.name,
-            Limits(l.requests_per_minute, l.tokens_per_minute, l.max_concurrent_streams, tuple(l.allowed_models)),
+            Limits(l.requests_per_minute, l.tokens_per_minute, l.max_concurrent_streams, tuple(l.allowed_models),
+                   l.budget_daily_micros, l.budget_monthly_micros),
             role=role,
         )
         log.info("created API key %s (%s, %s) for organization %s by %s", key.key_id, key.display_prefix, role,
@@ -117,16 +123,42 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         _own(organization or admin_org, admin_org, everywhere)
         return pb.ListApiKeysResponse(keys=[key_info(k) for k in await self._store.list(organization)])
 
-    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context) -> pb.RevokeApiKeyResponse:
+    async def _managed(self, key_id: str, action: str) -> ApiKey:
+        """The key an admin caller may act on (another organization's reads as unknown)."""
         admin_org, everywhere = _admin()
         try:
-            target = await self._store.get(request.key_id)
+            target = await self._store.get(key_id)
         except NotFound:
-            raise NotFound(f"no API key {request.key_id}", param="key_id") from None
+            raise NotFound(f"no API key {key_id}", param="key_id") from None
         if not everywhere and target.organization != admin_org:
-            raise NotFound(f"no API key {request.key_id}", param="key_id")  # another organization's: not told
+            raise NotFound(f"no API key {key_id}", param="key_id")  # another organization's: not told
         if not everywhere and target.role not in roles.ORG_ADMIN_MAY_CREATE:
-            raise PermissionDenied(f"only a platform admin may revoke a {target.role} key", code="admin_required")
+            raise PermissionDenied(f"only a platform admin may {action} a {target.role} key", code="admin_required")
+        return target
+
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context) -> pb.RevokeApiKeyResponse:
+        await self._managed(request.key_id, "revoke")
         key = await self._store.revoke(request.key_id)
         log.info("revoked API key %s by %s", key.key_id, require(KEYS_ADMIN)["sub"])
         return pb.RevokeApiKeyResponse(key=key_info(key))
+
+    async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context) -> pb.UpdateApiKeyResponse:
+        await self._managed(request.key_id, "update")
+        key = await self._store.set_key_budget(
+            request.key_id,
+            request.budget_daily_micros if request.HasField("budget_daily_micros") else None,
+            request.budget_monthly_micros if request.HasField("budget_monthly_micros") else None)
+        log.info("updated the budgets of API key %s by %s", key.key_id, require(KEYS_ADMIN)["sub"])
+        return pb.UpdateApiKeyResponse(key=key_info(key))
+
+    async def SetOrganizationBudget(self, request: pb.SetOrganizationBudgetRequest,
+                                    context) -> pb.SetOrganizationBudgetResponse:
+        admin_org, everywhere = _admin()
+        organization = request.organization or admin_org
+        _own(organization, admin_org, everywhere)
+        budget = await self._store.set_organization_budget(
+            organization, Budget(request.budget.daily_micros, request.budget.monthly_micros))
+        log.info("set the budget of organization %s by %s", organization, require(KEYS_ADMIN)["sub"])
+        return pb.SetOrganizationBudgetResponse(
+            organization=organization, budget=pb.Budget(daily_micros=budget.daily_micros,
+                                                        monthly_micros=budget.monthly_micros))

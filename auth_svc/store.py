@@ -33,9 +33,20 @@ MIGRATIONS = [
     """,
     # The key's role (auth_svc.roles); '' in rows from before roles: admin 1 is a platform admin.
     "ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT ''",
+    # Spend budgets (micro-units of the billing currency; 0: none): a key's, and an organization's.
+    """
+    ALTER TABLE api_keys ADD COLUMN budget_daily_micros BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE api_keys ADD COLUMN budget_monthly_micros BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE organization_budgets (
+        organization TEXT PRIMARY KEY,
+        daily_micros BIGINT NOT NULL,
+        monthly_micros BIGINT NOT NULL
+    )
+    """,
 ]
 _COLUMNS = ("key_id, key_hash, display_prefix, organization, name, status, admin, requests_per_minute, "
-            "tokens_per_minute, max_concurrent_streams, allowed_models, created_at_ms, last_used_at_ms, revoked_at_ms, role")
+            "tokens_per_minute, max_concurrent_streams, allowed_models, created_at_ms, last_used_at_ms, revoked_at_ms, role, "
+            "budget_daily_micros, budget_monthly_micros")
 #: last_used_at is written at most this often per key, so authentication stays a read
 LAST_USED_RESOLUTION_MS = 60_000
 
@@ -46,6 +57,21 @@ class Limits:
     tokens_per_minute: int = 0
     max_concurrent_streams: int = 0
     allowed_models: tuple[str, ...] = ()  # empty: every model
+    #: spend per UTC day and calendar month, in micro-units of the billing currency (0: none)
+    budget_daily_micros: int = 0
+    budget_monthly_micros: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    daily_micros: int = 0  # 0: none
+    monthly_micros: int = 0
+
+
+def check_budget(daily: int, monthly: int, param: str) -> None:
+    for value, name in ((daily, "daily"), (monthly, "monthly")):
+        if value < 0:
+            raise InvalidArgument(f"{param}_{name}_micros must not be negative", param=f"{param}_{name}_micros")
 
 
 @dataclass(frozen=True)
@@ -66,11 +92,12 @@ class ApiKey:
 
 
 def _row_to_key(row: tuple) -> ApiKey:
-    (key_id, _hash, prefix, org, name, status, admin, rpm, tpm, conc, models, created, used, _revoked, role) = row
+    (key_id, _hash, prefix, org, name, status, admin, rpm, tpm, conc, models, created, used, _revoked, role,
+     daily, monthly) = row
     return ApiKey(
         key_id=key_id, display_prefix=prefix, organization=org, name=name, status=status,
         role=role or (PLATFORM_ADMIN if admin else MEMBER),
-        limits=Limits(int(rpm), int(tpm), int(conc), tuple(m for m in models.split(",") if m)),
+        limits=Limits(int(rpm), int(tpm), int(conc), tuple(m for m in models.split(",") if m), int(daily), int(monthly)),
         created_at_ms=int(created), last_used_at_ms=None if used is None else int(used),
     )
 
@@ -94,16 +121,18 @@ class KeyStore:
                              (limits.max_concurrent_streams, "limits.max_concurrent_streams")):
             if value < 0:
                 raise InvalidArgument(f"{param} must not be negative", param=param)
+        check_budget(limits.budget_daily_micros, limits.budget_monthly_micros, "limits.budget")
         secret = api_key or new_api_key()
         if not looks_like_a_key(secret):
             raise InvalidArgument("an API key is ck- followed by at least 40 URL-safe characters", param="api_key")
         key_id = f"key_{uuid.uuid4().hex[:24]}"
         now = int(time.time() * 1000)
         await self._db.execute(
-            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key_id, key_hash(secret), display_prefix(secret), organization, name, "active",
              int(role == PLATFORM_ADMIN), limits.requests_per_minute, limits.tokens_per_minute,
-             limits.max_concurrent_streams, ",".join(limits.allowed_models), now, None, None, role),
+             limits.max_concurrent_streams, ",".join(limits.allowed_models), now, None, None, role,
+             limits.budget_daily_micros, limits.budget_monthly_micros),
         )
         return await self.get(key_id), secret
 
@@ -143,3 +172,29 @@ class KeyStore:
             (int(time.time() * 1000), key_id),
         )
         return await self.get(key_id)  # NotFound for an unknown id
+
+    async def set_key_budget(self, key_id: str, daily: int | None, monthly: int | None) -> ApiKey:
+        """Changes the budgets given (None: kept)."""
+        key = await self.get(key_id)
+        daily = key.limits.budget_daily_micros if daily is None else daily
+        monthly = key.limits.budget_monthly_micros if monthly is None else monthly
+        check_budget(daily, monthly, "budget")
+        await self._db.execute("UPDATE api_keys SET budget_daily_micros = ?, budget_monthly_micros = ? WHERE key_id = ?",
+                               (daily, monthly, key_id))
+        return await self.get(key_id)
+
+    async def organization_budget(self, organization: str) -> Budget:
+        row = await self._db.fetchone(
+            "SELECT daily_micros, monthly_micros FROM organization_budgets WHERE organization = ?", (organization,))
+        return Budget() if row is None else Budget(int(row[0]), int(row[1]))
+
+    async def set_organization_budget(self, organization: str, budget: Budget) -> Budget:
+        if not organization:
+            raise InvalidArgument("organization is required", param="organization")
+        check_budget(budget.daily_micros, budget.monthly_micros, "budget")
+        await self._db.execute(
+            "INSERT INTO organization_budgets (organization, daily_micros, monthly_micros) VALUES (?, ?, ?) "
+            "ON CONFLICT (organization) DO UPDATE SET daily_micros = excluded.daily_micros, "
+            "monthly_micros = excluded.monthly_micros",
+            (organization, budget.daily_micros, budget.monthly_micros))
+        return budget

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from billing_svc.config import BillingConfig
-from billing_svc.prices import load_prices
+from cloudach.prices import load_prices
 from billing_svc.service import BillingService
 from billing_svc.store import UsageStore
 from cloudach.billing.v1 import billing_pb2, billing_pb2_grpc

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter
 
-from billing_svc.prices import FREE, Price, PriceList
+from cloudach.prices import PriceList
 from billing_svc.store import Bucket, Group, Grouping, Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb
 from cloudach.billing.v1 import billing_pb2_grpc
@@ -40,17 +40,6 @@ def _record(message: pb.UsageRecord) -> Record:
         ended_at_ms=message.ended_at.ToMilliseconds(), time_to_first_token_ns=message.time_to_first_token_ns,
         user=message.user, cached_tokens=min(message.cached_tokens, message.prompt_tokens), batch_id=message.batch_id,
     )
-
-
-def _price(record: Record, prices: PriceList) -> Price:
-    """The pricing policy: every request is recorded with its tokens and outcome; one that failed
-    through our fault (an error after it was accepted: an error event mid-stream, a 5xx; or cut by
-    the edge's crash: `interrupted`) is priced at zero; one the client cancelled pays for what was
-    generated until then."""
-    if record.outcome in ("failed_mid_stream", "interrupted"):
-        return FREE
-    price = prices.price(record.model)
-    return price.discounted(prices.batch_discount_percent) if record.batch_id else price
 
 
 def _bucket(b: Bucket) -> pb.UsageBucket:
@@ -107,7 +96,8 @@ class BillingService(billing_pb2_grpc.BillingServiceServicer):
             self._unpriced.inc()
             log.warning("UNPRICED MODEL: usage record %s for model %s recorded at price 0; add it to the price list",
                         record.request_id, shown(record.model))
-        created = await self._store.record(record, _price(record, self._prices))
+        created = await self._store.record(record, self._prices.billed(record.model, record.outcome,
+                                                                       bool(record.batch_id)))
         if not created:
             log.info("duplicate usage record %s ignored", record.request_id)
         return pb.RecordUsageResponse(created=created)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from billing_svc.prices import Price
+from cloudach.prices import Price
 from cloudach.db import Database
 
 MIGRATIONS = [

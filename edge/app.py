@@ -13,6 +13,7 @@ from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.outbox import ServiceToken, delivering
+from cloudach.prices import load_prices
 from cloudach.rpc.client import service_channel
 from cloudach.telemetry import client_interceptors
 from edge import chat, completions, health, models, openapi, org_usage, usage
@@ -22,6 +23,7 @@ from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
 from edge.mux import Multiplexer
 from edge.middleware import auth_middleware, common_headers, errors_middleware
+from edge.budgets import Budgets, FailoverSpend, InProcessSpend, RedisSpend
 from edge.ratelimit import InProcessLimiter
 from edge.ratelimit_failover import FailoverLimiter, ShareLimiter
 from edge.ratelimit_redis import RedisLimiter, redis_client
@@ -46,9 +48,12 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         state.auth = Authenticator(AuthServiceStub(auth), config.auth_cache_ttl_s, counter=state.metrics.auth_cache,
                                    unknown_lookups_per_minute=config.unknown_key_lookups_per_minute)
         state.billing = BillingServiceStub(billing)
+        prices = load_prices(config.prices_file)
+        spend = InProcessSpend()
         if config.redis_url:
             client = redis_client(config.redis_url, config.redis_timeout_s)
             stack.push_async_callback(client.aclose)
+            spend = FailoverSpend(RedisSpend(client), InProcessSpend())
             state.limiter = FailoverLimiter(RedisLimiter(client, config.rate_window_s),
                                             InProcessLimiter(window_s=config.rate_window_s),
                                             replicas=config.edge_replicas, open_s=config.redis_retry_s,
@@ -57,6 +62,7 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
             state.limiter = ShareLimiter(InProcessLimiter(window_s=config.rate_window_s), config.edge_replicas)
         else:
             state.limiter = InProcessLimiter(window_s=config.rate_window_s)
+        state.budgets = Budgets(spend, prices, state.billing)
         identity = None
         if config.service_key_file:
             identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())

@@ -49,6 +49,11 @@ class Principal:
     token: str
     #: the internal token to read usage from billing_svc with
     usage_token: str = ""
+    #: spend budgets in micro-units (0: none): the key's, and its organization's
+    budget_daily_micros: int = 0
+    budget_monthly_micros: int = 0
+    org_budget_daily_micros: int = 0
+    org_budget_monthly_micros: int = 0
 
     @property
     def grpc_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -82,6 +87,9 @@ def _principal(reply: pb.AuthenticateResponse) -> Principal:
         requests_per_minute=limits.requests_per_minute, tokens_per_minute=limits.tokens_per_minute,
         max_concurrent_streams=limits.max_concurrent_streams, allowed_models=frozenset(limits.allowed_models),
         token=reply.token, usage_token=reply.usage_token,
+        budget_daily_micros=limits.budget_daily_micros, budget_monthly_micros=limits.budget_monthly_micros,
+        org_budget_daily_micros=p.organization_budget.daily_micros,
+        org_budget_monthly_micros=p.organization_budget.monthly_micros,
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass
 
 from cloudach import defaults as d
 from cloudach.config import from_env, setting
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class EdgeConfig:
     #: billing_svc's gRPC address
     billing_target: str = setting(d.address(d.BILLING_PORT), "CLOUDACH_BILLING_TARGET")
     #: the durable outbox of usage records waiting for billing_svc (SQLite)
+    #: the prices budgets are held at: billing_svc's price list (the same file)
+    prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_EDGE_PRICES_FILE")
     outbox_path: str = setting(f"{d.DATA_DIR}/{d.EDGE_OUTBOX}", "CLOUDACH_EDGE_OUTBOX_PATH")
     #: file holding the edge's own API key, exchanged for the token it presents to billing_svc
     service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")

@@ -8,6 +8,7 @@ answer) and hands it to `serve`; its ResponseFormat turns choices into its chunk
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -18,6 +19,7 @@ from opentelemetry import propagate, trace
 from cloudach.billing.v1 import billing_pb2
 from cloudach.errors import Unavailable
 from edge.auth import Principal
+from edge.budgets import Budgets, Hold
 from edge.errors import ApiError
 from edge.http import read_json_object
 from edge.job import Job, Tally
@@ -28,13 +30,14 @@ from edge.state import MAX_TOKENS_NAME, MODEL, PRINCIPAL, RATE_HEADERS, STATE
 log = logging.getLogger(__name__)
 
 
-def _reservation(job: Job, default_output_tokens: int) -> int:
-    """Tokens held against the key's limit until the real usage is known: about four characters
-    a token for the prompt (plus each message's framing), and the most every choice may use."""
+def _reservation(job: Job, default_output_tokens: int) -> tuple[int, int]:
+    """Prompt and output tokens held against the key's limits until the real usage is known: about
+    four characters a token for the prompt (plus each message's framing), and the most every choice
+    may use."""
     stopping = job.generates[0].stopping
     output = stopping.max_new_tokens if stopping.HasField("max_new_tokens") else default_output_tokens
     messages = sum(len(g.messages) for g in job.generates)
-    return job.prompt_chars // 4 + 4 * messages + output * job.choices
+    return job.prompt_chars // 4 + 4 * messages, output * job.choices
 
 
 def _check_model_allowed(principal: Principal, model: str) -> None:
@@ -61,7 +64,8 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
         decision = await state.limiter.admit(principal.key_id, Quota(quota.requests_per_minute, 0, 0), "", 0, 0)
         request[RATE_HEADERS] = headers(decision)
         raise
-    reserved = _reservation(job, config.default_reserved_output_tokens)
+    prompt_reserved, output_reserved = _reservation(job, config.default_reserved_output_tokens)
+    reserved = prompt_reserved + output_reserved
     span = trace.get_current_span()
     span.set_attributes(_request_attributes(job, principal))
     decision = await admit(state.limiter, principal.key_id, quota, job.id, reserved, config.request_timeout_s)
@@ -69,6 +73,13 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
     if not decision.allowed:
         state.metrics.rejections.labels(f"rate_limit_{decision.refused_by}").inc()
         raise refusal(decision, quota)
+    try:
+        hold = await hold_budget(state.budgets, principal, job.model, prompt_reserved, output_reserved)
+    except BaseException as failure:
+        if isinstance(failure, ApiError) and failure.code == "insufficient_quota":
+            state.metrics.rejections.labels("budget").inc()
+        await asyncio.shield(_give_back_admission(state.limiter, principal.key_id, quota, job.id, reserved))
+        raise
     tally = Tally()
     try:
         with state.admission:
@@ -100,7 +111,7 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
         span.set_attributes(_usage_attributes(job, tally))
         # Shielded as one unit: a client that leaves (even just after [DONE]) cancels this handler,
         # and must interrupt neither the durable write of its bill nor the release of its limits.
-        await asyncio.shield(_settle(request, principal, job, tally, quota, reserved))
+        await asyncio.shield(_settle(request, principal, job, tally, quota, reserved, hold))
 
 
 async def admit(limiter: Limiter, key_id: str, quota: Quota, request_id: str, reserved: int,
@@ -120,14 +131,39 @@ async def _give_back(limiter: Limiter, asking: asyncio.Future, key_id: str, quot
                      reserved: int) -> None:
     decision = await asking
     if decision.allowed:
-        await limiter.settle(key_id, quota, reserved, 0, request_id)
-        await limiter.release(key_id, request_id)
+        await _give_back_admission(limiter, key_id, quota, request_id, reserved)
+
+
+async def hold_budget(budgets: Budgets, principal: Principal, model: str, prompt: int, output: int) -> Hold | None:
+    """The request's budget hold (insufficient_quota raises). A request cancelled while it is taken
+    gives back whatever it took, as admit() does."""
+    holding = asyncio.ensure_future(budgets.hold(principal, model, prompt, output))
+    try:
+        return await asyncio.shield(holding)
+    except asyncio.CancelledError:
+        async def undo() -> None:
+            with contextlib.suppress(Exception):
+                await budgets.settle(await holding, model, "failed_mid_stream", 0, 0, 0)
+
+        await asyncio.shield(undo())
+        raise
+
+
+async def _give_back_admission(limiter: Limiter, key_id: str, quota: Quota, request_id: str, reserved: int) -> None:
+    """An admitted request that will not run: its tokens and its concurrency lease go back."""
+    await limiter.settle(key_id, quota, reserved, 0, request_id)
+    await limiter.release(key_id, request_id)
 
 
 async def _settle(request: web.Request, principal: Principal, job: Job, tally: Tally,
-                  quota: Quota, reserved: int) -> None:
+                  quota: Quota, reserved: int, hold: Hold | None) -> None:
     state = request.app[STATE]
     limiter = state.limiter
+    # An unaccepted request cost nothing; an accepted one what billing will price it at.
+    outcome = billing_pb2.Outcome.Name(tally.outcome).removeprefix("OUTCOME_").lower() if tally.accepted \
+        else "failed_mid_stream"
+    await state.budgets.settle(hold, job.model, outcome, tally.prompt_tokens, tally.completion_tokens,
+                               tally.cached_tokens)
     if tally.accepted:
         state.metrics.output_tokens.labels(job.model).inc(tally.completion_tokens)
         if tally.time_to_first_token_ns:

@@ -15,6 +15,7 @@ from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.outbox import UsageOutbox
 from edge.admission import Admission
 from edge.auth import Authenticator, Principal
+from edge.budgets import Budgets
 from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
 from edge.ratelimit import Limiter
@@ -32,6 +33,7 @@ class EdgeState:
     inference_health: HealthStub = field(default=None)  # type: ignore[assignment]
     auth: Authenticator = field(default=None)  # type: ignore[assignment]
     limiter: Limiter = field(default=None)  # type: ignore[assignment]
+    budgets: Budgets = field(default=None)  # type: ignore[assignment]
     billing: BillingServiceStub = field(default=None)  # type: ignore[assignment]
     outbox: UsageOutbox = field(default=None)  # type: ignore[assignment]
     #: set when a record is added, so the deliverer does not wait for its next poll

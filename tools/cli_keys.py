@@ -24,7 +24,8 @@ ROLE_NAMES = {"member": pb.KEY_ROLE_MEMBER, "org-admin": pb.KEY_ROLE_ORG_ADMIN,
 
 
 def add_parser(commands: argparse._SubParsersAction, client: ClientSettings) -> None:
-    keys = commands.add_parser("keys", help="create, list and revoke API keys (needs an admin key)")
+    keys = commands.add_parser("keys", help="create, list, update and revoke API keys, set organizations' budgets "
+                                            "(needs an admin key)")
     keys.add_argument("--auth-target", default=client.auth_target)
     keys.add_argument("--admin-key-file", type=pathlib.Path, default=pathlib.Path(defaults.DEV_API_KEY_FILE),
                       help="file holding an admin key (CLOUDACH_API_KEY takes precedence)")
@@ -40,11 +41,25 @@ def add_parser(commands: argparse._SubParsersAction, client: ClientSettings) -> 
                         help="member (inference, its organization's usage), org-admin (also manages its "
                              "organization's keys), platform-admin (every organization), service (reports usage)")
     create.add_argument("--admin", action="store_true", help="the same as --role platform-admin")
+    _budget_flags(create, default=0)
+    update = actions.add_parser("update", help="change a key's spend budgets")
+    update.add_argument("key_id")
+    _budget_flags(update, default=None)
+    org_budget = actions.add_parser("org-budget", help="set an organization's spend budgets (all its keys together)")
+    org_budget.add_argument("--org", required=True)
+    _budget_flags(org_budget, default=0)
     listing = actions.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--org", default="")
     listing.add_argument("--json", action="store_true")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
+
+
+def _budget_flags(parser: argparse.ArgumentParser, default: int | None) -> None:
+    for period in ("daily", "monthly"):
+        parser.add_argument(f"--budget-{period}", type=int, default=default, metavar="MICROS",
+                            help=f"spend per {'UTC day' if period == 'daily' else 'calendar month'} in micro-units of "
+                                 "the billing currency (1 USD = 1000000; 0: no budget)")
 
 
 def _when(ts) -> str:
@@ -59,6 +74,7 @@ def _row(k: pb.ApiKeyInfo) -> dict:
         "status": pb.KeyStatus.Name(k.status).removeprefix("KEY_STATUS_").lower(),
         "role": pb.KeyRole.Name(k.role).removeprefix("KEY_ROLE_").lower().replace("_", "-"), "rpm": k.limits.requests_per_minute, "tpm": k.limits.tokens_per_minute,
         "max_concurrency": k.limits.max_concurrent_streams, "models": ",".join(k.limits.allowed_models) or "*",
+        "budget_daily": k.limits.budget_daily_micros, "budget_monthly": k.limits.budget_monthly_micros,
         "created": _when(k.created_at), "last_used": _when(k.last_used_at),
     }
 
@@ -76,7 +92,8 @@ async def _run(args: argparse.Namespace, client: ClientSettings) -> int:
             if args.action == "create":
                 limits = pb.KeyLimits(requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
                                       max_concurrent_streams=args.max_concurrency,
-                                      allowed_models=[m for m in args.models.split(",") if m])
+                                      allowed_models=[m for m in args.models.split(",") if m],
+                                      budget_daily_micros=args.budget_daily, budget_monthly_micros=args.budget_monthly)
                 created = await stub.CreateApiKey(pb.CreateApiKeyRequest(
                     organization=args.org, name=args.name, limits=limits, admin=args.admin,
                     role=ROLE_NAMES[args.role]), metadata=metadata, timeout=10)
@@ -86,6 +103,20 @@ async def _run(args: argparse.Namespace, client: ClientSettings) -> int:
                 listed = await stub.ListApiKeys(pb.ListApiKeysRequest(organization=args.org), metadata=metadata, timeout=10)
                 rows = [_row(k) for k in listed.keys]
                 print(json.dumps(rows, indent=2) if args.json else _table(rows))
+            elif args.action == "update":
+                fields = {name: value for name, value in (("budget_daily_micros", args.budget_daily),
+                                                          ("budget_monthly_micros", args.budget_monthly))
+                          if value is not None}
+                updated = await stub.UpdateApiKey(pb.UpdateApiKeyRequest(key_id=args.key_id, **fields),
+                                                  metadata=metadata, timeout=10)
+                print(f"updated {updated.key.key_id}: budgets {updated.key.limits.budget_daily_micros} a day, "
+                      f"{updated.key.limits.budget_monthly_micros} a month (micros; 0: none)")
+            elif args.action == "org-budget":
+                budget = pb.Budget(daily_micros=args.budget_daily, monthly_micros=args.budget_monthly)
+                set_ = await stub.SetOrganizationBudget(pb.SetOrganizationBudgetRequest(
+                    organization=args.org, budget=budget), metadata=metadata, timeout=10)
+                print(f"organization {set_.organization}: budgets {set_.budget.daily_micros} a day, "
+                      f"{set_.budget.monthly_micros} a month (micros; 0: none)")
             else:
                 revoked = await stub.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=args.key_id), metadata=metadata, timeout=10)
                 print(f"revoked {revoked.key.key_id} ({revoked.key.display_prefix})")

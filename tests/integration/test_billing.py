@@ -17,7 +17,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from auth_svc.store import Limits
-from billing_svc.prices import Price, cost_micros
+from cloudach.prices import Price, cost_micros
 from billing_svc.server import running_billing
 from billing_svc.store import Record, UsageStore
 from cloudach.billing.v1 import billing_pb2 as pb

@@ -13,7 +13,7 @@ import pytest
 from auth_svc.roles import ORG_ADMIN
 from auth_svc.store import Limits
 from billing_svc.config import BillingConfig
-from billing_svc.prices import Price, cost_micros, load_prices
+from cloudach.prices import Price, cost_micros, load_prices
 from billing_svc.store import Grouping, Record, UsageStore
 from inference_svc.server import running_inference
 from tests.fakes import FakeEngine

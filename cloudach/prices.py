@@ -1,4 +1,5 @@
-"""Prices per model, per million tokens, in integer micro-units of the currency."""
+"""Prices per model, per million tokens, in integer micro-units of the currency, and the pricing
+policy: billing_svc prices the ledger with them, the edge holds spend budgets with the same."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ class PriceList:
     def price(self, model: str) -> Price:
         """An unpriced model still gets its usage recorded, at zero: tokens are never dropped."""
         return self.models.get(model, FREE)
+
+    def billed(self, model: str, outcome: str, batch: bool = False) -> Price:
+        """The pricing policy: every request is recorded with its tokens and outcome; one that
+        failed through our fault (an error after it was accepted: an error event mid-stream, a
+        5xx; or cut by the edge's crash: `interrupted`) is priced at zero; one the client
+        cancelled pays for what was generated until then; a batch job's at the batch discount."""
+        if outcome in ("failed_mid_stream", "interrupted"):
+            return FREE
+        price = self.price(model)
+        return price.discounted(self.batch_discount_percent) if batch else price
 
 
 def load_prices(path: str) -> PriceList:
