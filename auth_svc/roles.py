@@ -23,7 +23,8 @@ def _everywhere(role: str) -> tuple[str, ...]:
 def api_grants(role: str) -> tuple[Grant, Grant | None]:
     """The public API's token and usage token (None: no usage token) of a key with role."""
     if role == SERVICE:
-        return (t.BILLING_AUDIENCE, (t.USAGE_WRITE,)), None
+        # Reports usage; runs batch jobs on behalf of the keys that created them (IssueKeyToken).
+        return ((t.BILLING_AUDIENCE, t.AUTH_AUDIENCE), (t.USAGE_WRITE, t.TOKENS_ISSUE)), None
     return (t.INFERENCE_AUDIENCE, (t.INFERENCE,)), (t.BILLING_AUDIENCE, (t.USAGE_READ, *_everywhere(role)))
 
 

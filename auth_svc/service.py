@@ -14,7 +14,7 @@ from cloudach.auth.v1 import auth_pb2 as pb
 from cloudach.auth.v1 import auth_pb2_grpc
 from cloudach.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from cloudach.rpc.auth import require, scopes
-from cloudach.tokens import ALL_ORGANIZATIONS, KEYS_ADMIN, TokenSigner
+from cloudach.tokens import ALL_ORGANIZATIONS, KEYS_ADMIN, TOKENS_ISSUE, TokenSigner
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,24 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         key = await self._store.find_active(request.api_key) if looks_like_a_key(request.api_key) else None
         if key is None:
             raise Unauthenticated("Incorrect API key provided.", code="invalid_api_key")
+        return await self._tokens(key, request.purpose)
+
+    async def IssueKeyToken(self, request: pb.IssueKeyTokenRequest, context) -> pb.AuthenticateResponse:
+        require(TOKENS_ISSUE)
+        try:
+            key = await self._store.get(request.key_id)
+        except NotFound:
+            raise NotFound(f"no API key {request.key_id}", param="key_id") from None
+        if key.status != "active":
+            raise Unauthenticated(f"API key {key.key_id} was revoked", code="invalid_api_key")
+        if key.role == roles.SERVICE:
+            raise PermissionDenied("a service key's tokens are not issued for it", code="admin_required")
+        return await self._tokens(key, pb.PURPOSE_API)
+
+    async def _tokens(self, key: ApiKey, purpose: int) -> pb.AuthenticateResponse:
         claims = {"org": key.organization}
         usage_token = ""
-        if request.purpose == pb.PURPOSE_ADMIN:
+        if purpose == pb.PURPOSE_ADMIN:
             grant = roles.admin_grant(key.role)
             if grant is None:
                 raise PermissionDenied("this key is not an admin key", code="admin_required")

@@ -46,6 +46,7 @@ INFERENCE = "inference"  # InferenceService
 USAGE_READ = "usage:read"  # GetUsage of the token's own organization
 USAGE_WRITE = "usage:write"  # RecordUsage: service identities only
 KEYS_ADMIN = "keys:admin"  # the admin RPCs, for the token's own organization
+TOKENS_ISSUE = "tokens:issue"  # IssueKeyToken: a service running a key's batch job (service identities only)
 ALL_ORGANIZATIONS = "platform"  # with usage:read or keys:admin: any organization
 
 

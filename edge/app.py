@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
@@ -12,17 +13,20 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
+from cloudach.db import Database
 from cloudach.outbox import ServiceToken, delivering
 from cloudach.prices import load_prices
 from cloudach.rpc.client import service_channel
 from cloudach.telemetry import client_interceptors
-from edge import chat, completions, health, models, openapi, org_usage, usage
+from edge import batch_api, chat, completions, health, models, openapi, org_usage, usage
 from edge.admission import Admission
 from edge.auth import Authenticator
 from edge.config import EdgeConfig
 from edge.metrics import METRICS, EdgeMetrics, metrics_endpoint
 from edge.mux import Multiplexer
 from edge.middleware import auth_middleware, common_headers, errors_middleware
+from edge.batch_runner import BatchRunner
+from edge.batch_store import BatchStore, DirectoryFileStore
 from edge.budgets import Budgets, FailoverSpend, InProcessSpend, RedisSpend
 from edge.ratelimit import InProcessLimiter
 from edge.ratelimit_failover import FailoverLimiter, ShareLimiter
@@ -69,7 +73,36 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         state.outbox, state.outbox_wake = await stack.enter_async_context(delivering(
             config.outbox_path, state.billing, identity, config.outbox_max_backoff_s, config.outbox_depth_every_s,
             state.metrics.outbox_depth, state.metrics.outbox_set_aside, config.outbox_flush_s))
+        if identity is not None:
+            await stack.enter_async_context(batch_jobs(state, identity, AuthServiceStub(auth)))
         yield
+
+@contextlib.asynccontextmanager
+async def batch_jobs(state: EdgeState, identity: ServiceToken, auth: AuthServiceStub) -> AsyncIterator[None]:
+    """The batch store, and this edge's runner of batch jobs, for the app's lifetime."""
+    config = state.config
+    db = Database(config.batch_database_url)
+    store = BatchStore(db, DirectoryFileStore(config.files_dir))
+    try:
+        await store.migrate()
+        state.batches = store
+        runner = BatchRunner(state, store, identity, auth, lease_s=config.batch_lease_s,
+                             concurrency=config.batch_concurrency, pause_above=config.batch_pause_above)
+        task = asyncio.create_task(runner.run_forever(), name="batch-runner")
+        try:
+            yield
+        finally:
+            # The requests running finish, so each is billed whole; past the grace they are cut.
+            await runner.stop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(config.shutdown_grace_s, 60.0)):
+                    await asyncio.shield(task)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await db.close()
+
 
 async def metrics_site(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: /metrics on the configured metrics address for the app's lifetime."""
@@ -111,6 +144,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app.router.add_get("/v1/usage", usage.get_usage)
     app.router.add_get("/v1/organization/usage/completions", org_usage.completions_usage)
     app.router.add_get("/v1/organization/costs", org_usage.costs)
+    batch_api.add_routes(app)
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/openapi.json", openapi.openapi_json)

@@ -80,7 +80,7 @@ def bearer_key(authorization: str | None) -> str:
     return key
 
 
-def _principal(reply: pb.AuthenticateResponse) -> Principal:
+def principal_from(reply: pb.AuthenticateResponse) -> Principal:
     p, limits = reply.principal, reply.principal.limits
     return Principal(
         key_id=p.key_id, organization=p.organization, admin=p.admin,
@@ -179,7 +179,7 @@ class Authenticator:
             self._remember(digest, now + self._ttl_s, None)
             raise ApiError(401, _INCORRECT, code="invalid_api_key")
         token_left = reply.token_expires_at.seconds - time.time() - TOKEN_MARGIN_S
-        principal = _principal(reply)
+        principal = principal_from(reply)
         self._remember(digest, now + max(0.0, min(self._ttl_s, token_left)), principal)
         return principal
 

@@ -38,6 +38,18 @@ class EdgeConfig:
     #: the durable outbox of usage records waiting for billing_svc (SQLite)
     #: the prices budgets are held at: billing_svc's price list (the same file)
     prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_EDGE_PRICES_FILE")
+    #: batch jobs and their files: the database every edge replica shares, and where files' bytes go
+    batch_database_url: str = setting(f"sqlite:///{d.DATA_DIR}/batches.db", "CLOUDACH_EDGE_BATCH_DATABASE_URL")
+    files_dir: str = setting(f"{d.DATA_DIR}/files", "CLOUDACH_EDGE_FILES_DIR")
+    #: a batch input file's limits: bytes, requests, bytes a line (OpenAI's are 200 MB, 50,000)
+    max_file_bytes: int = setting(64 * 1024 * 1024, "CLOUDACH_EDGE_MAX_FILE_BYTES")
+    max_batch_lines: int = setting(50_000, "CLOUDACH_EDGE_MAX_BATCH_LINES")
+    max_batch_line_bytes: int = setting(1024 * 1024, "CLOUDACH_EDGE_MAX_BATCH_LINE_BYTES")
+    #: batch requests one edge runs at once, and the interactive requests in flight that pause them
+    batch_concurrency: int = setting(1, "CLOUDACH_EDGE_BATCH_CONCURRENCY")
+    batch_pause_above: int = setting(8, "CLOUDACH_EDGE_BATCH_PAUSE_ABOVE")
+    #: how long a runner's hold on a batch lasts unrenewed (another edge takes over after it)
+    batch_lease_s: float = setting(15.0, "CLOUDACH_EDGE_BATCH_LEASE_S")
     outbox_path: str = setting(f"{d.DATA_DIR}/{d.EDGE_OUTBOX}", "CLOUDACH_EDGE_OUTBOX_PATH")
     #: file holding the edge's own API key, exchanged for the token it presents to billing_svc
     service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")

@@ -25,7 +25,7 @@ from edge.http import read_json_object
 from edge.job import Job, Tally
 from edge.ratelimit import Decision, Limiter, Quota, headers, refusal
 from edge.relay import Merged, complete, stream
-from edge.state import MAX_TOKENS_NAME, MODEL, PRINCIPAL, RATE_HEADERS, STATE
+from edge.state import MAX_TOKENS_NAME, MODEL, PRINCIPAL, RATE_HEADERS, STATE, EdgeState
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,9 @@ def _check_model_allowed(principal: Principal, model: str) -> None:
 
 
 async def serve(request: web.Request, parse) -> web.StreamResponse:
-    """Runs one request end to end; parse(body) -> Job raises ApiError for bad input."""
+    """Runs one HTTP request end to end; parse(body) -> Job raises ApiError for bad input."""
     state = request.app[STATE]
-    config = state.config
     principal = request[PRINCIPAL]
-    quota = Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
     # The metrics' model label: only a model inference_svc served, so made-up names add no series.
     request[MODEL] = "unknown"
     try:
@@ -61,15 +59,27 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
         _check_model_allowed(principal, job.model)
     except ApiError:
         # A refused request still spends a request, as OpenAI counts failed requests.
-        decision = await state.limiter.admit(principal.key_id, Quota(quota.requests_per_minute, 0, 0), "", 0, 0)
+        decision = await state.limiter.admit(principal.key_id, Quota(principal.requests_per_minute, 0, 0), "", 0, 0)
         request[RATE_HEADERS] = headers(decision)
         raise
+    return await run(state, principal, job, request)
+
+
+async def run(state: EdgeState, principal: Principal, job: Job, request: web.Request | None = None,
+              batch_id: str = "") -> web.StreamResponse:
+    """Admission, limits and budget, the inference_svc calls, the answer and the settlement of one
+    parsed request. request: the HTTP request it answers (None: a batch job's request, answered
+    whole and outside the key's rate limits, its usage billed as the batch's)."""
+    config = state.config
+    note = request.__setitem__ if request is not None else (lambda key, value: None)
+    quota = (Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
+             if request is not None else Quota(0, 0, 0))
     prompt_reserved, output_reserved = _reservation(job, config.default_reserved_output_tokens)
     reserved = prompt_reserved + output_reserved
     span = trace.get_current_span()
     span.set_attributes(_request_attributes(job, principal))
     decision = await admit(state.limiter, principal.key_id, quota, job.id, reserved, config.request_timeout_s)
-    request[RATE_HEADERS] = headers(decision)
+    note(RATE_HEADERS, headers(decision))
     if not decision.allowed:
         state.metrics.rejections.labels(f"rate_limit_{decision.refused_by}").inc()
         raise refusal(decision, quota)
@@ -94,10 +104,11 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
                     # From the first acceptance on, the request is recorded whatever happens next
                     # (a later prompt refused: failed, at zero), as inference_svc reports it too.
                     tally.accepted = True
-                request[MODEL] = job.model
+                note(MODEL, job.model)
                 events = calls[0] if len(calls) == 1 else (merged := Merged(calls, job.n))
-                if job.stream:
-                    return await stream(request, events, job, tally, lambda: _bill(request, principal, job, tally))
+                if job.stream and request is not None:
+                    return await stream(request, events, job, tally,
+                                        lambda: _bill(state, principal, job, tally, batch_id))
                 return await complete(events, job, tally)
             except asyncio.CancelledError:
                 tally.outcome = billing_pb2.OUTCOME_CANCELLED_BY_CLIENT
@@ -111,7 +122,7 @@ async def serve(request: web.Request, parse) -> web.StreamResponse:
         span.set_attributes(_usage_attributes(job, tally))
         # Shielded as one unit: a client that leaves (even just after [DONE]) cancels this handler,
         # and must interrupt neither the durable write of its bill nor the release of its limits.
-        await asyncio.shield(_settle(request, principal, job, tally, quota, reserved, hold))
+        await asyncio.shield(_settle(state, principal, job, tally, quota, reserved, hold, batch_id))
 
 
 async def admit(limiter: Limiter, key_id: str, quota: Quota, request_id: str, reserved: int,
@@ -155,9 +166,8 @@ async def _give_back_admission(limiter: Limiter, key_id: str, quota: Quota, requ
     await limiter.release(key_id, request_id)
 
 
-async def _settle(request: web.Request, principal: Principal, job: Job, tally: Tally,
-                  quota: Quota, reserved: int, hold: Hold | None) -> None:
-    state = request.app[STATE]
+async def _settle(state: EdgeState, principal: Principal, job: Job, tally: Tally,
+                  quota: Quota, reserved: int, hold: Hold | None, batch_id: str) -> None:
     limiter = state.limiter
     # An unaccepted request cost nothing; an accepted one what billing will price it at.
     outcome = billing_pb2.Outcome.Name(tally.outcome).removeprefix("OUTCOME_").lower() if tally.accepted \
@@ -169,7 +179,7 @@ async def _settle(request: web.Request, principal: Principal, job: Job, tally: T
         if tally.time_to_first_token_ns:
             state.metrics.ttft.labels(job.model).observe(tally.time_to_first_token_ns / 1e9)
         if not tally.recorded:
-            await _bill(request, principal, job, tally)
+            await _bill(state, principal, job, tally, batch_id)
     await limiter.settle(principal.key_id, quota, reserved, tally.prompt_tokens + tally.completion_tokens, job.id)
     await limiter.release(principal.key_id, job.id)
 
@@ -210,7 +220,7 @@ def _usage_attributes(job: Job, tally: Tally) -> dict:
     return attributes
 
 
-async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tally) -> None:
+async def _bill(state: EdgeState, principal: Principal, job: Job, tally: Tally, batch_id: str) -> None:
     """Puts the request's usage record in the outbox (once); billing_svc gets it from there."""
     started, ended = Timestamp(), Timestamp()
     started.FromMilliseconds(tally.started_at_ms)
@@ -220,8 +230,8 @@ async def _bill(request: web.Request, principal: Principal, job: Job, tally: Tal
         prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
         cached_tokens=min(tally.cached_tokens, tally.prompt_tokens), outcome=tally.outcome,
         started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns, user=job.user,
+        batch_id=batch_id,
     )
-    state = request.app[STATE]
     carrier: dict[str, str] = {}
     propagate.inject(carrier)  # the delivery, later, joins this request's trace
     try:

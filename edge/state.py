@@ -15,6 +15,7 @@ from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
 from cloudach.outbox import UsageOutbox
 from edge.admission import Admission
 from edge.auth import Authenticator, Principal
+from edge.batch_store import BatchStore
 from edge.budgets import Budgets
 from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
@@ -34,6 +35,10 @@ class EdgeState:
     auth: Authenticator = field(default=None)  # type: ignore[assignment]
     limiter: Limiter = field(default=None)  # type: ignore[assignment]
     budgets: Budgets = field(default=None)  # type: ignore[assignment]
+    #: files and batch jobs (None without a service identity to run them as their keys)
+    batches: BatchStore | None = None
+    #: set when a batch is created or cancelled, so the runner does not wait for its next poll
+    batch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     billing: BillingServiceStub = field(default=None)  # type: ignore[assignment]
     outbox: UsageOutbox = field(default=None)  # type: ignore[assignment]
     #: set when a record is added, so the deliverer does not wait for its next poll

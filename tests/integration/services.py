@@ -80,10 +80,16 @@ def service_key_file() -> pathlib.Path:
     return path
 
 
+def batch_places(directory: pathlib.Path) -> dict[str, str]:
+    """An edge's batch database and files directory (edges given the same share batch jobs)."""
+    return {"batch_database_url": f"sqlite:///{directory / 'batches.db'}", "files_dir": str(directory / "files")}
+
+
 def edge_config(inference_address: str, auth_address: str, **overrides) -> EdgeConfig:
     settings = dict(
         inference_target=inference_address, auth_target=auth_address, billing_target="127.0.0.1:1",
         outbox_path=str(pathlib.Path(tempfile.mkdtemp(prefix="cloudach-outbox-")) / "outbox.db"),
+        **batch_places(pathlib.Path(tempfile.mkdtemp(prefix="cloudach-batches-"))),
         service_key_file=str(service_key_file()), outbox_max_backoff_s=0.5, metrics_port=-1, outbox_flush_s=0,
     )
     return EdgeConfig(**{**settings, **overrides})

@@ -159,6 +159,11 @@ async def test_organization_admins_manage_only_their_own_organization(auth):
         ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=other.key_id), grpc.StatusCode.NOT_FOUND),
         ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=platform.key_id), grpc.StatusCode.PERMISSION_DENIED),
         ("RevokeApiKey", pb.RevokeApiKeyRequest(key_id=service.key_id), grpc.StatusCode.PERMISSION_DENIED),
+        ("UpdateApiKey", pb.UpdateApiKeyRequest(key_id=other.key_id, budget_daily_micros=1), grpc.StatusCode.NOT_FOUND),
+        ("SetOrganizationBudget", pb.SetOrganizationBudgetRequest(organization="globex"),
+         grpc.StatusCode.PERMISSION_DENIED),
+        # Only a service identity may have a key's tokens issued (to run its batch jobs).
+        ("IssueKeyToken", pb.IssueKeyTokenRequest(key_id=other.key_id), grpc.StatusCode.PERMISSION_DENIED),
     ]
     for method, request, code in refusals:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -292,3 +297,17 @@ async def test_a_rotated_signing_key_is_picked_up_by_kid(tmp_path, registry):
                         for token in (new.signer.sign("key_new", {}, INFERENCE_AUDIENCE, (INFERENCE,))[0], old_token):
                             await stub.ListModels(inference_pb2.ListModelsRequest(),
                                                   metadata=(("authorization", f"Bearer {token}"),), timeout=5)
+
+
+async def test_a_service_identity_gets_an_active_keys_tokens_and_never_a_revoked_ones(auth):
+    key, _ = await auth.store.create("umbrella", "batcher", Limits(budget_daily_micros=7))
+    async with grpc.aio.insecure_channel(auth.address) as channel:
+        identity = await ServiceToken(AuthServiceStub(channel), SERVICE_KEY).metadata()
+        issued = await AuthServiceStub(channel).IssueKeyToken(pb.IssueKeyTokenRequest(key_id=key.key_id),
+                                                              metadata=identity)
+        assert issued.principal.key_id == key.key_id and issued.principal.limits.budget_daily_micros == 7
+        assert issued.token and issued.usage_token
+        await auth.store.revoke(key.key_id)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await AuthServiceStub(channel).IssueKeyToken(pb.IssueKeyTokenRequest(key_id=key.key_id), metadata=identity)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

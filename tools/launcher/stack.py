@@ -176,6 +176,9 @@ def stack_children(state_dir: pathlib.Path, settings: StackSettings,
                 "CLOUDACH_EDGE_METRICS_PORT": metrics(settings.edge_metrics_port, i * workers + w, "edge"),
                 "CLOUDACH_INFERENCE_TARGET": inference, "CLOUDACH_AUTH_TARGET": auth, "CLOUDACH_BILLING_TARGET": billing,
                 "CLOUDACH_EDGE_OUTBOX_PATH": str(data / outbox), "CLOUDACH_EDGE_SERVICE_KEY_FILE": str(edge_key),
+                # every edge of the stack shares the batch jobs (SQLite here; PostgreSQL across hosts)
+                "CLOUDACH_EDGE_BATCH_DATABASE_URL": f"sqlite:///{data / 'batches.db'}",
+                "CLOUDACH_EDGE_FILES_DIR": str(data / "files"),
                 **({"CLOUDACH_EDGE_REUSE_PORT": "1"} if workers > 1 else {}), **shared,
             }, logs, "edge"))
     return children

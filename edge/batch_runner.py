@@ -1,0 +1,234 @@
+"""Runs batch jobs: each edge replica runs one runner, which takes the lease of one active batch at
+a time (edge.batch_store) and moves it on: validating (its requests become rows) → in_progress →
+finalizing (output and error files written) → completed; expired past its window; cancelling →
+cancelled when asked.
+
+Each request runs through the same path as an HTTP request (edge.serving.run: validation,
+budget, inference_svc, billing at the batch rate), as the key that made the batch (auth_svc issues
+its tokens to our service identity: IssueKeyToken; a revoked key's batch fails what remains).
+Low priority on spare capacity: at most `batch_concurrency` requests at once per edge, none
+started while this edge has `batch_pause_above` interactive requests in flight. A request's id
+is fixed by its batch and line, so one run again after a restart is billed once. A failure that
+waiting may cure (a 5xx: a service restarting) leaves the request pending, retried after a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import uuid
+
+import grpc
+
+from cloudach.auth.v1 import auth_pb2
+from edge.auth import principal_from
+from edge.batch_api import ENDPOINTS
+from edge.batch_store import Batch, BatchStore, Item
+from edge.completions import parse_completion_request
+from edge.chat import parse_chat_request
+from edge.errors import ApiError, from_failure
+
+log = logging.getLogger(__name__)
+PARSERS = dict(zip(ENDPOINTS, (parse_chat_request, parse_completion_request)))
+_EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}
+_CANCELLED = {"code": "batch_cancelled", "message": "This request was not executed: the batch was cancelled."}
+
+
+def _line_id(batch_id: str, line: int) -> str:
+    return hashlib.sha256(f"{batch_id}:{line}".encode()).hexdigest()[:24]
+
+
+def _with_id(job, request_id: str):
+    for generate in job.generates:
+        generate.usage_id = request_id
+    return dataclasses.replace(job, id=request_id)
+
+
+class BatchRunner:
+    def __init__(self, state, store: BatchStore, identity, auth_stub, lease_s: float = 15.0,
+                 concurrency: int = 1, pause_above: int = 8, poll_s: float = 1.0, retry_s: float = 2.0) -> None:
+        self._state, self._store, self._identity, self._auth = state, store, identity, auth_stub
+        self._lease_s, self._concurrency, self._pause_above = lease_s, concurrency, pause_above
+        self._poll_s, self._retry_s = poll_s, retry_s
+        self._owner = f"edge-{uuid.uuid4().hex[:12]}"
+        self._principals: dict[str, tuple[float, object]] = {}
+        self._running = 0
+        #: set at shutdown: no new request starts, the running ones finish (their bills whole)
+        self.stopping = asyncio.Event()
+
+    async def stop(self) -> None:
+        """No request starts from now; run_forever returns once the running ones have finished."""
+        self.stopping.set()
+        self._state.batch_wake.set()
+
+    async def run_forever(self) -> None:
+        wake = self._state.batch_wake
+        while not self.stopping.is_set():
+            try:
+                batch_id = await self._store.claim(self._owner, self._lease_s)
+                if batch_id is not None:
+                    try:
+                        await self._work(batch_id)
+                    finally:
+                        await self._store.release(batch_id, self._owner)
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the runner never stops; the batch is retried
+                log.exception("batch runner failed; retrying")
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_s):
+                    await wake.wait()
+
+    async def _work(self, batch_id: str) -> None:
+        batch = await self._store.batch(None, batch_id)
+        if batch.status == "validating":
+            batch = await self._validate(batch)
+        if batch.status == "in_progress":
+            batch = await self._run_items(batch)
+        if batch.status in ("finalizing", "cancelling"):
+            await self._finalize(batch)
+
+    async def _validate(self, batch: Batch) -> Batch:
+        data = await self._store.files.get(batch.input_file_id)
+        items, wrong = [], []
+        number = 0
+        for raw in data.split(b"\n"):
+            if not raw.strip():
+                continue
+            number += 1
+            line = json.loads(raw)  # checked whole at upload
+            items.append(Item(number, line["custom_id"], line["body"] if line["url"] == batch.endpoint else {}))
+            if line["url"] != batch.endpoint:
+                wrong.append((number, line["custom_id"], line["url"]))
+        await self._store.add_items(batch.id, items)
+        for number, custom_id, url in wrong:
+            await self._store.finish_item(batch.id, number, False, self._result(error={
+                "code": "invalid_url", "message": f"The url {url} is not the batch's endpoint {batch.endpoint}."}))
+        await self._store.move(batch.id, "in_progress", "in_progress_at")
+        return await self._store.batch(None, batch.id)
+
+    async def _run_items(self, batch: Batch) -> Batch:
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                if not await self._store.renew(batch.id, self._owner, self._lease_s):
+                    return await self._store.batch(None, batch.id)  # another runner has it now
+                current = await self._store.batch(None, batch.id)
+                if current.status != "in_progress":
+                    return current  # cancelling
+                if self.stopping.is_set():
+                    if running:
+                        await asyncio.wait(running)
+                    return current
+                if time.time() >= current.times["expires_at"]:
+                    await self._store.fail_pending(batch.id, self._result(error=_EXPIRED))
+                    await self._store.move(batch.id, "finalizing", "finalizing_at", expired_at=int(time.time()))
+                    return await self._store.batch(None, batch.id)
+                busy = {t.line for t in running}  # type: ignore[attr-defined]
+                pending = [i for i in await self._store.pending(batch.id, self._concurrency + len(running))
+                           if i.line not in busy]
+                if not pending and not running:
+                    await self._store.move(batch.id, "finalizing", "finalizing_at")
+                    return await self._store.batch(None, batch.id)
+                interactive = self._state.admission.active - self._running
+                while pending and len(running) < self._concurrency and interactive < self._pause_above:
+                    item = pending.pop(0)
+                    task = asyncio.create_task(self._run_item(batch, item))
+                    task.line = item.line  # type: ignore[attr-defined]
+                    running.add(task)
+                if running:
+                    done, _ = await asyncio.wait(running, timeout=self._lease_s / 3,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        running.discard(task)
+                        if not task.result():
+                            await asyncio.sleep(self._retry_s)  # a failure waiting may cure: later
+                else:
+                    await asyncio.sleep(0.2)  # interactive traffic first
+        finally:
+            for task in running:
+                task.cancel()
+
+    @staticmethod
+    def _result(response: dict | None = None, error: dict | None = None) -> dict:
+        """A request's line of the output or error file (its id and custom_id go in at the end)."""
+        return {"response": response, "error": error}
+
+    async def _principal(self, key_id: str):
+        cached = self._principals.get(key_id)
+        if cached is not None and cached[0] > time.time():
+            return cached[1]
+        reply = await self._auth.IssueKeyToken(auth_pb2.IssueKeyTokenRequest(key_id=key_id),
+                                               metadata=await self._identity.metadata(), timeout=10)
+        principal = principal_from(reply)
+        self._principals[key_id] = (reply.token_expires_at.seconds - 60, principal)
+        return principal
+
+    async def _run_item(self, batch: Batch, item: Item) -> bool:
+        """Runs one request and stores its result; False: not stored, to retry (a 5xx)."""
+        from edge.serving import run
+
+        request_id = f"{'chatcmpl' if batch.endpoint == ENDPOINTS[0] else 'cmpl'}-{_line_id(batch.id, item.line)}"
+        self._running += 1
+        max_tokens_name = "max_tokens"
+        try:
+            try:
+                principal = await self._principal(batch.key_id)
+            except grpc.aio.AioRpcError as failure:
+                if failure.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
+                    raise
+                error = ApiError(401, "The API key that created this batch was revoked.", code="invalid_api_key")
+                return await self._store_result(batch, item, request_id, error)
+            if item.body.get("stream"):
+                raise ApiError(400, "Batch requests are answered whole: 'stream' must be false.", param="stream",
+                               code="invalid_value")
+            job = PARSERS[batch.endpoint](item.body)
+            max_tokens_name = job.max_tokens_name
+            response = await run(self._state, principal, _with_id(job, request_id), batch_id=batch.id)
+            await self._store.finish_item(batch.id, item.line, True, self._result(
+                {"status_code": 200, "request_id": request_id, "body": json.loads(response.body)}))
+            return True
+        except Exception as failure:  # noqa: BLE001 - each request's failure is its own
+            error = failure if isinstance(failure, ApiError) else from_failure(failure, max_tokens_name)
+            if error is None:
+                log.exception("batch %s line %d failed", batch.id, item.line)
+                return False
+            return await self._store_result(batch, item, request_id, error)
+        finally:
+            self._running -= 1
+
+    async def _store_result(self, batch: Batch, item: Item, request_id: str, error: ApiError) -> bool:
+        if error.status >= 500:
+            log.warning("batch %s line %d: %d %s; retried later", batch.id, item.line, error.status, error.message)
+            return False
+        await self._store.finish_item(batch.id, item.line, False, self._result(
+            {"status_code": error.status, "request_id": request_id, "body": error.envelope()}))
+        return True
+
+    async def _finalize(self, batch: Batch) -> None:
+        if batch.status == "cancelling":
+            await self._store.fail_pending(batch.id, self._result(error=_CANCELLED))
+        output, errors = [], []
+        for line, custom_id, status, result in await self._store.results(batch.id):
+            entry = {"id": f"batch_req_{_line_id(batch.id, line)}", "custom_id": custom_id, **json.loads(result)}
+            (output if status == "done" else errors).append(json.dumps(entry, ensure_ascii=False))
+        files = {}
+        for column, lines, kind in (("output_file_id", output, "output"), ("error_file_id", errors, "error")):
+            if lines:
+                info = await self._store.add_file(batch.organization, batch.key_id, "batch_output",
+                                                  f"{batch.id}_{kind}.jsonl", ("\n".join(lines) + "\n").encode())
+                files[column] = info.id
+        if batch.status == "cancelling":
+            await self._store.move(batch.id, "cancelled", "cancelled_at", **files)
+        elif batch.times.get("expired_at"):
+            await self._store.move(batch.id, "expired", None, **files)
+        else:
+            await self._store.move(batch.id, "completed", "completed_at", **files)
+        log.info("batch %s finished (%s): %d answered, %d failed", batch.id, batch.status, len(output), len(errors))
