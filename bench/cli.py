@@ -12,7 +12,7 @@ import time
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmark the platform on this machine (starts its own stacks)")
-    bench.add_argument("scenario", choices=("overhead", "relay", "workers", "levers", "real", "guided", "features", "prefix", "all"), nargs="?", default="all")
+    bench.add_argument("scenario", choices=("overhead", "relay", "workers", "levers", "real", "guided", "features", "prefix", "batch", "all"), nargs="?", default="all")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
     bench.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
     bench.add_argument("--rate", type=float, default=100.0,
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         features_concurrency=args.features_concurrency,
         edge_workers=tuple(int(c) for c in args.edge_workers.split(",")),
     )
-    chosen = ("overhead", "relay", "workers", "levers", "real", "guided", "features", "prefix") if args.scenario == "all" else (args.scenario,)
+    chosen = ("overhead", "relay", "workers", "levers", "real", "guided", "features", "prefix", "batch") if args.scenario == "all" else (args.scenario,)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "platform": platform.platform()},
@@ -59,13 +59,16 @@ def run(args: argparse.Namespace) -> int:
             rows = scenarios.levers(options)
         elif name == "prefix":
             rows = scenarios.prefix(options)
+        elif name == "batch":
+            rows = scenarios.batch(options)
         else:
             rows = scenarios.real_model(options, not args.no_llama_server)
         document["scenarios"][name] = rows
         processes = {"real": ["tritonserver", "edge", "llama_cpp.server"], "guided": ["tritonserver"],
                      "features": ["tritonserver", "inference_svc", "edge"],
                      "workers": ["tritonserver", "inference_svc", "edge"], "levers": ["tritonserver", "inference_svc", "edge"],
-                     "prefix": ["tritonserver", "inference_svc", "edge"]}.get(
+                     "prefix": ["tritonserver", "inference_svc", "edge"],
+                     "batch": ["tritonserver", "inference_svc", "edge"]}.get(
             name, [*scenarios.STACK, "bench client"])
         table = report.markdown(rows, processes)
         markdown.append(f"## {name}\n\n{table}\n")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 
+from bench.drivers import MODEL as MODEL_ID
 from bench.drivers import Driver, HttpDriver, InferenceDriver, ModelDriver, TritonDriver
 from bench.load import run_load
 from bench.report import summarize
@@ -146,6 +148,39 @@ def prefix(options: Options) -> list[dict]:
     with bench_stack(CPU) as stack:
         drivers = [PrefixDriver(stack.base_url, stack.api_key, cold) for cold in (True, False)]
         return [asyncio.run(_measure(d, d.name, 1, options, stack.pids, max_tokens=8)) for d in drivers]
+
+
+async def _start_batch(stack: BenchStack, requests: int, max_tokens: int) -> str:
+    """Uploads a batch of chat requests and starts it; returns its id."""
+    import aiohttp
+
+    lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL_ID, "messages": [{"role": "user", "content": f"{PROMPT} ({i})"}], "max_tokens": max_tokens,
+    }}).encode() + b"\n" for i in range(requests))
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    async with aiohttp.ClientSession() as session:
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", lines, filename="bench.jsonl")
+        async with session.post(f"{stack.base_url}/files", data=form, headers=headers) as reply:
+            file_id = (await reply.json())["id"]
+        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        async with session.post(f"{stack.base_url}/batches", json=body, headers=headers) as reply:
+            return (await reply.json())["id"]
+
+
+def batch(options: Options) -> list[dict]:
+    """Interactive streams on the CPU model, alone and while a batch job runs (its requests at the
+    edge's low priority: one at a time, paused while interactive requests pile up)."""
+    rows = []
+    with bench_stack(CPU) as stack:
+        rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key, name="interactive alone"),
+                                         "interactive alone", 1, options, stack.pids, max_tokens=32)))
+        asyncio.run(_start_batch(stack, 500, options.max_tokens))
+        time.sleep(2)  # the runner has taken the batch up
+        rows.append(asyncio.run(_measure(HttpDriver(stack.base_url, stack.api_key, name="interactive, batch running"),
+                                         "interactive, batch running", 1, options, stack.pids, max_tokens=32)))
+    return rows
 
 
 #: a JSON object the CPU model can fill in many ways (what a structured-output request asks)
