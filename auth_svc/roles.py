@@ -23,13 +23,16 @@ def _everywhere(role: str) -> tuple[str, ...]:
 def api_grants(role: str) -> tuple[Grant, Grant | None]:
     """The public API's token and usage token (None: no usage token) of a key with role."""
     if role == SERVICE:
-        # Reports usage; runs batch jobs on behalf of the keys that created them (IssueKeyToken).
-        return ((t.BILLING_AUDIENCE, t.AUTH_AUDIENCE), (t.USAGE_WRITE, t.TOKENS_ISSUE)), None
+        return (t.BILLING_AUDIENCE, (t.USAGE_WRITE,)), None
     return (t.INFERENCE_AUDIENCE, (t.INFERENCE,)), (t.BILLING_AUDIENCE, (t.USAGE_READ, *_everywhere(role)))
 
 
 def admin_grant(role: str) -> Grant | None:
     """The admin token of a key with role (None: the role has none)."""
+    if role == SERVICE:
+        # A service running batch jobs as the keys that made them (IssueKeyToken): asked for
+        # apart, good at auth_svc only, so the token it sends billing_svc can mint nothing.
+        return t.AUTH_AUDIENCE, (t.TOKENS_ISSUE,)
     if role not in ADMIN_ROLES:
         return None
     return (t.AUTH_AUDIENCE, t.BILLING_AUDIENCE), (t.KEYS_ADMIN, t.USAGE_READ, *_everywhere(role))

@@ -151,10 +151,13 @@ class UsageStore:
 
     async def record(self, r: Record, price: Price) -> bool:
         """Stores the edge's record unless it has one with its request id; it replaces a row
-        reconstructed from generation reports. Returns whether it changed the ledger."""
+        reconstructed from generation reports, and a batch request's run that did not complete
+        (the batch ran it again). Returns whether it changed the ledger."""
         changed = await self._db.execute(
             f"INSERT INTO usage_records ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'edge', "
-            f"?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET {_REPLACED} WHERE usage_records.source = 'inference'",
+            f"?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET {_REPLACED} WHERE usage_records.source = 'inference' "
+            # a batch request runs again under its id after a run that did not complete: that run counts
+            "OR (usage_records.batch_id <> '' AND usage_records.outcome <> 'completed')",
             (r.request_id, r.key_id, r.organization, r.model, r.prompt_tokens, r.completion_tokens, r.outcome,
              r.started_at_ms, r.ended_at_ms, r.time_to_first_token_ns, utc_day(r.started_at_ms),
              price.input_per_million_micros, price.output_per_million_micros, r.user,

@@ -164,15 +164,18 @@ class UsageOutbox:
 class ServiceToken:
     """A service's own internal token, from its service key, renewed a minute before it expires."""
 
-    def __init__(self, auth: AuthServiceStub, key: str) -> None:
+    def __init__(self, auth: AuthServiceStub, key: str, purpose: int = auth_pb2.PURPOSE_API) -> None:
+        """purpose: PURPOSE_API (billing_svc's usage:write), or PURPOSE_ADMIN (auth_svc's tokens:issue)."""
         self._auth = auth
         self._key = key
+        self._purpose = purpose
         self._token = ""
         self._renew_at = 0.0
 
     async def metadata(self) -> tuple[tuple[str, str], ...]:
         if time.time() >= self._renew_at:
-            reply = await self._auth.Authenticate(auth_pb2.AuthenticateRequest(api_key=self._key), timeout=5)
+            reply = await self._auth.Authenticate(auth_pb2.AuthenticateRequest(api_key=self._key, purpose=self._purpose),
+                                                  timeout=5)
             if reply.principal.role != auth_pb2.KEY_ROLE_SERVICE:
                 # Its tokens could never record usage: say so, every round, instead of stalling quietly.
                 raise PermissionDenied(f"the service key ({reply.principal.key_id}) is not a service key: create one "

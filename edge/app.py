@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
+from cloudach.auth.v1 import auth_pb2
 from cloudach.auth.v1.auth_pb2_grpc import AuthServiceStub
 from cloudach.billing.v1.billing_pb2_grpc import BillingServiceStub
 from cloudach.inference.v1.inference_pb2_grpc import InferenceServiceStub
@@ -74,8 +75,17 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
             config.outbox_path, state.billing, identity, config.outbox_max_backoff_s, config.outbox_depth_every_s,
             state.metrics.outbox_depth, state.metrics.outbox_set_aside, config.outbox_flush_s))
         if identity is not None:
-            await stack.enter_async_context(batch_jobs(state, identity, AuthServiceStub(auth)))
+            issuer = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip(),
+                                  purpose=auth_pb2.PURPOSE_ADMIN)
+            await stack.enter_async_context(batch_jobs(state, issuer, AuthServiceStub(auth)))
         yield
+
+async def stop_batches(app: web.Application) -> None:
+    """on_shutdown, as the HTTP drain begins: no batch request starts on a stopping edge."""
+    runner = app[STATE].batch_runner
+    if runner is not None:
+        runner.stop()
+
 
 @contextlib.asynccontextmanager
 async def batch_jobs(state: EdgeState, identity: ServiceToken, auth: AuthServiceStub) -> AsyncIterator[None]:
@@ -87,13 +97,15 @@ async def batch_jobs(state: EdgeState, identity: ServiceToken, auth: AuthService
         await store.migrate()
         state.batches = store
         runner = BatchRunner(state, store, identity, auth, lease_s=config.batch_lease_s,
-                             concurrency=config.batch_concurrency, pause_above=config.batch_pause_above)
+                             concurrency=config.batch_concurrency, pause_above=config.batch_pause_above,
+                             retry_s=config.batch_retry_s)
         task = asyncio.create_task(runner.run_forever(), name="batch-runner")
+        state.batch_runner = runner
         try:
             yield
         finally:
             # The requests running finish, so each is billed whole; past the grace they are cut.
-            await runner.stop()
+            runner.stop()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(config.shutdown_grace_s, 60.0)):
                     await asyncio.shield(task)
@@ -134,6 +146,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     app[STATE] = EdgeState(config, admission, metrics)
     app[METRICS] = metrics
     app.cleanup_ctx.append(channels)
+    app.on_shutdown.append(stop_batches)
     app.cleanup_ctx.append(metrics_site)
     app.on_response_prepare.append(common_headers)
     app.on_response_prepare.append(record_status)

@@ -12,13 +12,14 @@ batch's error file; the others run.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from edge.batch_store import BatchStore, FileInfo
 from edge.errors import ApiError, bad_request
-from edge.http import read_json_object
+from edge.http import check_values, no_constants, read_json_object
 from edge.state import PRINCIPAL, STATE
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -49,11 +50,15 @@ def check_jsonl(data: bytes, max_lines: int, max_line_bytes: int) -> int:
         if len(raw) > max_line_bytes:
             raise bad(f"is {len(raw)} bytes, over the limit of {max_line_bytes}", "line_too_large")
         try:
-            line = json.loads(raw)
+            line = json.loads(raw, parse_constant=no_constants)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise bad("is not valid JSON", "invalid_json_line") from None
         if not isinstance(line, dict):
             raise bad("is not a JSON object", "invalid_json_line")
+        try:
+            check_values(line)  # what an HTTP request's body may not hold, a line may not either
+        except ApiError as refused:
+            raise bad(f"is refused: {refused.message}", "invalid_json_line") from None
         custom_id = line.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
             raise bad(f"needs a custom_id: a string of 1 to {MAX_CUSTOM_ID_CHARS} characters", "invalid_custom_id")
@@ -74,26 +79,40 @@ def check_jsonl(data: bytes, max_lines: int, max_line_bytes: int) -> int:
     return count
 
 
+#: a form field other than the file (purpose), at most
+MAX_FIELD_BYTES = 4096
+
+
 async def _read_upload(request: web.Request, max_bytes: int) -> tuple[dict[str, str], tuple[str, bytes] | None]:
-    """The multipart form's text fields, and its file (name, bytes), read within max_bytes."""
-    if not request.content_type.startswith("multipart/"):
+    """The multipart form's text fields, and its file (name, bytes): one file, the whole form
+    within max_bytes and a field's size; a form that does not parse is a 400."""
+    if request.content_type != "multipart/form-data":
         raise ApiError(415, f"Invalid content type: {request.content_type or 'none'}. Expected 'multipart/form-data'.",
                        code="unsupported_media_type")
-    fields, upload = {}, None
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        chunks, size = [], 0
-        while chunk := await part.read_chunk(65_536):
-            size += len(chunk)
-            if size > max_bytes:
-                raise ApiError(413, f"The file is over the limit of {max_bytes} bytes.", param="file",
-                               code="file_too_large")
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        if part.filename is not None and part.name == "file":
-            upload = (part.filename, data)
-        elif part.name:
-            fields[part.name] = data.decode(errors="replace")
+    fields, upload, total = {}, None, 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise bad_request("Invalid form: a part may not be a multipart of its own.", param="file")
+            is_file = part.name == "file" and part.filename is not None
+            if is_file and upload is not None:
+                raise bad_request("Invalid form: one file at a time.", param="file")
+            limit, chunks, size = (max_bytes if is_file else MAX_FIELD_BYTES), [], 0
+            while chunk := await part.read_chunk(65_536):
+                size += len(chunk)
+                total += len(chunk)
+                if size > limit or total > max_bytes + MAX_FIELD_BYTES * 4:
+                    raise ApiError(413, f"The file is over the limit of {max_bytes} bytes.", param="file",
+                                   code="file_too_large")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            if is_file:
+                upload = (part.filename, data)
+            elif part.name:
+                fields[part.name] = data.decode(errors="replace")
+    except (KeyError, ValueError, AssertionError, UnicodeError) as error:
+        raise bad_request(f"Invalid multipart form: {type(error).__name__}.", param="file") from None
     return fields, upload
 
 
@@ -106,7 +125,8 @@ async def create_file(request: web.Request) -> web.Response:
     if upload is None:
         raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     filename, data = upload
-    check_jsonl(data, config.max_batch_lines, config.max_batch_line_bytes)
+    # megabytes of JSON: parsed off the event loop
+    await asyncio.to_thread(check_jsonl, data, config.max_batch_lines, config.max_batch_line_bytes)
     info = await store.add_file(principal.organization, principal.key_id, "batch", filename[:255], data)
     return web.json_response(info.json())
 
@@ -168,9 +188,10 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 
 async def list_batches(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+    limit = int(raw) if raw.isascii() and raw.isdecimal() and len(raw) <= 3 else 0
+    if not 1 <= limit <= 100:
         raise bad_request("Invalid 'limit': expected an integer from 1 to 100.", param="limit", code="invalid_value")
-    batches, more = await _store(request).batches(request[PRINCIPAL].organization, int(raw), request.query.get("after"))
+    batches, more = await _store(request).batches(request[PRINCIPAL].organization, limit, request.query.get("after"))
     data = [b.json() for b in batches]
     return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None, "has_more": more})

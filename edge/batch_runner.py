@@ -1,15 +1,19 @@
 """Runs batch jobs: each edge replica runs one runner, which takes the lease of one active batch at
 a time (edge.batch_store) and moves it on: validating (its requests become rows) → in_progress →
 finalizing (output and error files written) → completed; expired past its window; cancelling →
-cancelled when asked.
+cancelled when asked; failed when the batch itself cannot be run (its runner failed on it
+MAX_BATCH_FAILURES times).
 
-Each request runs through the same path as an HTTP request (edge.serving.run: validation,
-budget, inference_svc, billing at the batch rate), as the key that made the batch (auth_svc issues
-its tokens to our service identity: IssueKeyToken; a revoked key's batch fails what remains).
-Low priority on spare capacity: at most `batch_concurrency` requests at once per edge, none
-started while this edge has `batch_pause_above` interactive requests in flight. A request's id
-is fixed by its batch and line, so one run again after a restart is billed once. A failure that
-waiting may cure (a 5xx: a service restarting) leaves the request pending, retried after a pause.
+Each request runs through the same path as an HTTP request (edge.serving.run: validation, the
+key's allowed models, its budget, inference_svc, billing at the batch rate), as the key that made
+the batch (auth_svc issues its tokens to our service identity: IssueKeyToken; a revoked key's
+batch fails what remains). Low priority on spare capacity: at most `batch_concurrency` requests
+at once per edge, none started while this edge has `batch_pause_above` interactive requests in
+flight. A request's id is fixed by its batch and line, so one run again after a restart is
+billed once (billing keeps the run that completed). A failure that waiting may cure (a 5xx: a
+service restarting) is retried after a growing pause, MAX_ATTEMPTS times in all, then stored as
+the line's error. Requests running when the batch is cancelled, expires or the edge stops are
+let finish, the lease renewed meanwhile.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ import grpc
 from cloudach.auth.v1 import auth_pb2
 from edge.auth import principal_from
 from edge.batch_api import ENDPOINTS
-from edge.batch_store import Batch, BatchStore, Item
-from edge.completions import parse_completion_request
+from edge.batch_store import Batch, BatchStore, Item, LeaseLost
 from edge.chat import parse_chat_request
+from edge.completions import parse_completion_request
 from edge.errors import ApiError, from_failure
 
 log = logging.getLogger(__name__)
 PARSERS = dict(zip(ENDPOINTS, (parse_chat_request, parse_completion_request)))
+MAX_ATTEMPTS = 5
+MAX_BATCH_FAILURES = 3
 _EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}
 _CANCELLED = {"code": "batch_cancelled", "message": "This request was not executed: the batch was cancelled."}
 
@@ -49,6 +55,11 @@ def _with_id(job, request_id: str):
     return dataclasses.replace(job, id=request_id)
 
 
+def _result(response: dict | None = None, error: dict | None = None) -> dict:
+    """A request's line of the output or error file (its id and custom_id go in at the end)."""
+    return {"response": response, "error": error}
+
+
 class BatchRunner:
     def __init__(self, state, store: BatchStore, identity, auth_stub, lease_s: float = 15.0,
                  concurrency: int = 1, pause_above: int = 8, poll_s: float = 1.0, retry_s: float = 2.0) -> None:
@@ -61,7 +72,7 @@ class BatchRunner:
         #: set at shutdown: no new request starts, the running ones finish (their bills whole)
         self.stopping = asyncio.Event()
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         """No request starts from now; run_forever returns once the running ones have finished."""
         self.stopping.set()
         self._state.batch_wake.set()
@@ -69,6 +80,7 @@ class BatchRunner:
     async def run_forever(self) -> None:
         wake = self._state.batch_wake
         while not self.stopping.is_set():
+            batch_id = None
             try:
                 batch_id = await self._store.claim(self._owner, self._lease_s)
                 if batch_id is not None:
@@ -79,8 +91,13 @@ class BatchRunner:
                     continue
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the runner never stops; the batch is retried
-                log.exception("batch runner failed; retrying")
+            except LeaseLost:
+                continue  # another runner has it, or it was cancelled meanwhile: read it again
+            except Exception as error:  # noqa: BLE001 - the runner never stops; the batch is retried, a few times
+                log.exception("batch runner failed on %s", batch_id)
+                if batch_id is not None and await self._store.failed_once(batch_id) >= MAX_BATCH_FAILURES:
+                    await self._store.fail_batch(batch_id, [{"code": "batch_failed", "line": None, "param": None,
+                                                             "message": f"The batch could not be run: {type(error).__name__}"}])
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_s):
@@ -104,62 +121,65 @@ class BatchRunner:
                 continue
             number += 1
             line = json.loads(raw)  # checked whole at upload
-            items.append(Item(number, line["custom_id"], line["body"] if line["url"] == batch.endpoint else {}))
-            if line["url"] != batch.endpoint:
-                wrong.append((number, line["custom_id"], line["url"]))
+            right = line["url"] == batch.endpoint
+            items.append(Item(number, line["custom_id"], line["body"] if right else {}))
+            if not right:
+                wrong.append((number, line["url"]))
         await self._store.add_items(batch.id, items)
-        for number, custom_id, url in wrong:
-            await self._store.finish_item(batch.id, number, False, self._result(error={
+        await self._renew(batch)
+        for number, url in wrong:
+            await self._store.finish_item(batch.id, number, False, _result(error={
                 "code": "invalid_url", "message": f"The url {url} is not the batch's endpoint {batch.endpoint}."}))
-        await self._store.move(batch.id, "in_progress", "in_progress_at")
+        await self._store.move(batch.id, self._owner, ("validating",), "in_progress", "in_progress_at")
         return await self._store.batch(None, batch.id)
+
+    async def _renew(self, batch: Batch) -> None:
+        if not await self._store.renew(batch.id, self._owner, self._lease_s):
+            raise LeaseLost(batch.id)
+
+    async def _drain(self, batch: Batch, running: set[asyncio.Task]) -> None:
+        """Lets the running requests finish, renewing the lease meanwhile."""
+        while running:
+            done, _ = await asyncio.wait(running, timeout=self._lease_s / 3)
+            running.difference_update(done)
+            await self._renew(batch)
 
     async def _run_items(self, batch: Batch) -> Batch:
         running: set[asyncio.Task] = set()
         try:
             while True:
-                if not await self._store.renew(batch.id, self._owner, self._lease_s):
-                    return await self._store.batch(None, batch.id)  # another runner has it now
-                current = await self._store.batch(None, batch.id)
-                if current.status != "in_progress":
-                    return current  # cancelling
-                if self.stopping.is_set():
-                    if running:
-                        await asyncio.wait(running)
-                    return current
-                if time.time() >= current.times["expires_at"]:
-                    await self._store.fail_pending(batch.id, self._result(error=_EXPIRED))
-                    await self._store.move(batch.id, "finalizing", "finalizing_at", expired_at=int(time.time()))
+                await self._renew(batch)
+                status, expires_at = await self._store.status(batch.id)
+                if status != "in_progress" or self.stopping.is_set():
+                    await self._drain(batch, running)
+                    return await self._store.batch(None, batch.id)  # cancelling, or this edge stops
+                if time.time() >= expires_at:
+                    await self._drain(batch, running)
+                    await self._store.fail_pending(batch.id, _result(error=_EXPIRED))
+                    await self._store.move(batch.id, self._owner, ("in_progress",), "finalizing", "finalizing_at",
+                                           expired_at=int(time.time()))
                     return await self._store.batch(None, batch.id)
-                busy = {t.line for t in running}  # type: ignore[attr-defined]
-                pending = [i for i in await self._store.pending(batch.id, self._concurrency + len(running))
-                           if i.line not in busy]
-                if not pending and not running:
-                    await self._store.move(batch.id, "finalizing", "finalizing_at")
-                    return await self._store.batch(None, batch.id)
+                busy = {task.line for task in running}  # type: ignore[attr-defined]
+                room = self._concurrency - len(running)
                 interactive = self._state.admission.active - self._running
-                while pending and len(running) < self._concurrency and interactive < self._pause_above:
-                    item = pending.pop(0)
-                    task = asyncio.create_task(self._run_item(batch, item))
-                    task.line = item.line  # type: ignore[attr-defined]
-                    running.add(task)
+                pending = await self._store.pending(batch.id, room, busy) if room > 0 else []
+                if not running and not pending and not await self._store.has_pending(batch.id):
+                    await self._store.move(batch.id, self._owner, ("in_progress",), "finalizing", "finalizing_at")
+                    return await self._store.batch(None, batch.id)
+                if interactive < self._pause_above:
+                    for item in pending:
+                        task = asyncio.create_task(self._run_item(batch, item))
+                        task.line = item.line  # type: ignore[attr-defined]
+                        running.add(task)
                 if running:
                     done, _ = await asyncio.wait(running, timeout=self._lease_s / 3,
                                                  return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        running.discard(task)
-                        if not task.result():
-                            await asyncio.sleep(self._retry_s)  # a failure waiting may cure: later
+                    running.difference_update(done)
                 else:
-                    await asyncio.sleep(0.2)  # interactive traffic first
+                    await asyncio.sleep(0.2)  # interactive traffic first, or requests waiting out a retry
         finally:
-            for task in running:
+            for task in running:  # only when leaving through an error: the lease is lost
                 task.cancel()
-
-    @staticmethod
-    def _result(response: dict | None = None, error: dict | None = None) -> dict:
-        """A request's line of the output or error file (its id and custom_id go in at the end)."""
-        return {"response": response, "error": error}
 
     async def _principal(self, key_id: str):
         cached = self._principals.get(key_id)
@@ -171,8 +191,8 @@ class BatchRunner:
         self._principals[key_id] = (reply.token_expires_at.seconds - 60, principal)
         return principal
 
-    async def _run_item(self, batch: Batch, item: Item) -> bool:
-        """Runs one request and stores its result; False: not stored, to retry (a 5xx)."""
+    async def _run_item(self, batch: Batch, item: Item) -> None:
+        """Runs one request and stores its result (or, for a failure waiting may cure, its retry)."""
         from edge.serving import run
 
         request_id = f"{'chatcmpl' if batch.endpoint == ENDPOINTS[0] else 'cmpl'}-{_line_id(batch.id, item.line)}"
@@ -184,41 +204,44 @@ class BatchRunner:
             except grpc.aio.AioRpcError as failure:
                 if failure.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
                     raise
-                error = ApiError(401, "The API key that created this batch was revoked.", code="invalid_api_key")
-                return await self._store_result(batch, item, request_id, error)
+                raise ApiError(401, "The API key that created this batch was revoked.", code="invalid_api_key") from None
             if item.body.get("stream"):
                 raise ApiError(400, "Batch requests are answered whole: 'stream' must be false.", param="stream",
                                code="invalid_value")
             job = PARSERS[batch.endpoint](item.body)
             max_tokens_name = job.max_tokens_name
             response = await run(self._state, principal, _with_id(job, request_id), batch_id=batch.id)
-            await self._store.finish_item(batch.id, item.line, True, self._result(
+            await self._store.finish_item(batch.id, item.line, True, _result(
                 {"status_code": 200, "request_id": request_id, "body": json.loads(response.body)}))
-            return True
+        except asyncio.CancelledError:
+            raise
         except Exception as failure:  # noqa: BLE001 - each request's failure is its own
-            error = failure if isinstance(failure, ApiError) else from_failure(failure, max_tokens_name)
+            error = from_failure(failure, max_tokens_name)
             if error is None:
                 log.exception("batch %s line %d failed", batch.id, item.line)
-                return False
-            return await self._store_result(batch, item, request_id, error)
+                error = ApiError(500, "The server had an error while processing your request.", type="server_error")
+            await self._store_failure(batch, item, request_id, error)
         finally:
             self._running -= 1
 
-    async def _store_result(self, batch: Batch, item: Item, request_id: str, error: ApiError) -> bool:
-        if error.status >= 500:
-            log.warning("batch %s line %d: %d %s; retried later", batch.id, item.line, error.status, error.message)
-            return False
-        await self._store.finish_item(batch.id, item.line, False, self._result(
+    async def _store_failure(self, batch: Batch, item: Item, request_id: str, error: ApiError) -> None:
+        if error.status >= 500 and item.attempts + 1 < MAX_ATTEMPTS:
+            pause = min(60.0, self._retry_s * 2 ** item.attempts)
+            log.warning("batch %s line %d: %d %s; retried in %.0fs", batch.id, item.line, error.status, error.message,
+                        pause)
+            await self._store.retry_later(batch.id, item.line, pause)
+            return
+        await self._store.finish_item(batch.id, item.line, False, _result(
             {"status_code": error.status, "request_id": request_id, "body": error.envelope()}))
-        return True
 
     async def _finalize(self, batch: Batch) -> None:
         if batch.status == "cancelling":
-            await self._store.fail_pending(batch.id, self._result(error=_CANCELLED))
+            await self._store.fail_pending(batch.id, _result(error=_CANCELLED))
         output, errors = [], []
         for line, custom_id, status, result in await self._store.results(batch.id):
             entry = {"id": f"batch_req_{_line_id(batch.id, line)}", "custom_id": custom_id, **json.loads(result)}
             (output if status == "done" else errors).append(json.dumps(entry, ensure_ascii=False))
+        await self._renew(batch)
         files = {}
         for column, lines, kind in (("output_file_id", output, "output"), ("error_file_id", errors, "error")):
             if lines:
@@ -226,9 +249,9 @@ class BatchRunner:
                                                   f"{batch.id}_{kind}.jsonl", ("\n".join(lines) + "\n").encode())
                 files[column] = info.id
         if batch.status == "cancelling":
-            await self._store.move(batch.id, "cancelled", "cancelled_at", **files)
+            await self._store.move(batch.id, self._owner, ("cancelling",), "cancelled", "cancelled_at", **files)
         elif batch.times.get("expired_at"):
-            await self._store.move(batch.id, "expired", None, **files)
+            await self._store.move(batch.id, self._owner, ("finalizing",), "expired", None, **files)
         else:
-            await self._store.move(batch.id, "completed", "completed_at", **files)
+            await self._store.move(batch.id, self._owner, ("finalizing", ), "completed", "completed_at", **files)
         log.info("batch %s finished (%s): %d answered, %d failed", batch.id, batch.status, len(output), len(errors))

@@ -9,6 +9,7 @@ that it renews, and a lease left to expire (its edge died) lets another replica 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -40,6 +41,7 @@ MIGRATIONS = [
         completion_window TEXT NOT NULL,
         status TEXT NOT NULL,
         metadata TEXT NOT NULL,
+        failures BIGINT NOT NULL,
         errors TEXT NOT NULL,
         output_file_id TEXT NOT NULL,
         error_file_id TEXT NOT NULL,
@@ -64,6 +66,8 @@ MIGRATIONS = [
         body TEXT NOT NULL,
         status TEXT NOT NULL,
         result TEXT NOT NULL,
+        attempts BIGINT NOT NULL,
+        next_at_ms BIGINT NOT NULL,
         PRIMARY KEY (batch_id, line)
     )
     """,
@@ -99,7 +103,7 @@ class DirectoryFileStore:
         assert file_id.replace("-", "").isalnum(), file_id
         return self._dir / file_id
 
-    async def put(self, file_id: str, data: bytes) -> None:
+    def _write(self, file_id: str, data: bytes) -> None:
         partial = self._path(file_id).with_suffix(".partial")
         with open(partial, "wb") as f:
             f.write(data)
@@ -107,8 +111,11 @@ class DirectoryFileStore:
             os.fsync(f.fileno())
         os.replace(partial, self._path(file_id))
 
+    async def put(self, file_id: str, data: bytes) -> None:
+        await asyncio.to_thread(self._write, file_id, data)  # megabytes and an fsync: off the event loop
+
     async def get(self, file_id: str) -> bytes:
-        return self._path(file_id).read_bytes()
+        return await asyncio.to_thread(self._path(file_id).read_bytes)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,12 @@ class Item:
     line: int
     custom_id: str
     body: dict
+    #: runs that ended in a failure waiting may cure (a 5xx), so far
+    attempts: int = 0
+
+
+class LeaseLost(Exception):
+    """This runner no longer holds the batch (or it moved meanwhile): it must leave it."""
 
 
 class BatchStore:
@@ -188,8 +201,8 @@ class BatchStore:
                         metadata: dict) -> Batch:
         batch_id, now = new_id("batch_"), int(time.time())
         await self.db.execute(
-            f"INSERT INTO batches ({_BATCH_COLUMNS}, lease_owner, lease_until_ms) VALUES "
-            f"({', '.join('?' * (11 + len(_TIMES)))}, '', 0)",
+            f"INSERT INTO batches ({_BATCH_COLUMNS}, failures, lease_owner, lease_until_ms) VALUES "
+            f"({', '.join('?' * (11 + len(_TIMES)))}, 0, '', 0)",
             (batch_id, organization, key_id, endpoint, input_file_id, "24h", "validating", json.dumps(metadata), "[]",
              "", "", now, now + window_s, *([None] * (len(_TIMES) - 2))))
         return await self.batch(organization, batch_id)
@@ -230,8 +243,11 @@ class BatchStore:
             f"LIMIT {int(limit) + 1}", tuple(args))
         return [await self._batch(r) for r in rows[:limit]], len(rows) > limit
 
-    async def move(self, batch_id: str, status: str, when: str | None = None, **fields: Any) -> None:
-        """Sets the status (and its time, and other columns) of a batch."""
+    async def move(self, batch_id: str, owner: str, expected: tuple[str, ...], status: str, when: str | None = None,
+                   **fields: Any) -> None:
+        """Moves a batch from one of the expected statuses to status (setting its time and other
+        columns), as the holder of its lease; LeaseLost when it is not (another runner has it, or
+        the batch moved meanwhile: a cancel)."""
         sets, args = ["status = ?"], [status]
         if when:
             sets.append(f"{when} = ?")
@@ -239,7 +255,27 @@ class BatchStore:
         for column, value in fields.items():
             sets.append(f"{column} = ?")
             args.append(value)
-        await self.db.execute(f"UPDATE batches SET {', '.join(sets)} WHERE id = ?", (*args, batch_id))
+        moved = await self.db.execute(
+            f"UPDATE batches SET {', '.join(sets)} WHERE id = ? AND lease_owner = ? "
+            f"AND status IN ({', '.join('?' * len(expected))})", (*args, batch_id, owner, *expected))
+        if moved != 1:
+            raise LeaseLost(batch_id)
+
+    async def failed_once(self, batch_id: str) -> int:
+        """Counts a failure of a runner on the batch (its file cannot be read, say); returns how many."""
+        await self.db.execute("UPDATE batches SET failures = failures + 1 WHERE id = ?", (batch_id,))
+        row = await self.db.fetchone("SELECT failures FROM batches WHERE id = ?", (batch_id,))
+        return int(row[0]) if row else 0
+
+    async def fail_batch(self, batch_id: str, errors: list[dict]) -> None:
+        await self.db.execute(
+            f"UPDATE batches SET status = 'failed', failed_at = ?, errors = ? WHERE id = ? "
+            f"AND status IN ({', '.join('?' * len(ACTIVE))})", (int(time.time()), json.dumps(errors), batch_id, *ACTIVE))
+
+    async def status(self, batch_id: str) -> tuple[str, int]:
+        """A batch's status and expiry, cheaply (the runner's loop reads them every turn)."""
+        row = await self.db.fetchone("SELECT status, expires_at FROM batches WHERE id = ?", (batch_id,))
+        return row[0], int(row[1])
 
     async def cancel(self, organization: str, batch_id: str) -> Batch | None:
         await self.db.execute(
@@ -272,15 +308,26 @@ class BatchStore:
 
     async def add_items(self, batch_id: str, items: list[Item]) -> None:
         await self.db.transaction([
-            ("INSERT INTO batch_items (batch_id, line, custom_id, body, status, result) VALUES (?, ?, ?, ?, 'pending', '') "
-             "ON CONFLICT (batch_id, line) DO NOTHING", (batch_id, i.line, i.custom_id, json.dumps(i.body)))
+            ("INSERT INTO batch_items (batch_id, line, custom_id, body, status, result, attempts, next_at_ms) "
+             "VALUES (?, ?, ?, ?, 'pending', '', 0, 0) ON CONFLICT (batch_id, line) DO NOTHING", (batch_id, i.line, i.custom_id, json.dumps(i.body)))
             for i in items])
 
-    async def pending(self, batch_id: str, limit: int) -> list[Item]:
+    async def pending(self, batch_id: str, limit: int, exclude: set[int] = frozenset()) -> list[Item]:
+        """Requests to run now (not waiting out a retry's pause), in order, but those in exclude."""
         rows = await self.db.fetchall(
-            "SELECT line, custom_id, body FROM batch_items WHERE batch_id = ? AND status = 'pending' "
-            f"ORDER BY line LIMIT {int(limit)}", (batch_id,))
-        return [Item(int(line), custom_id, json.loads(body)) for line, custom_id, body in rows]
+            "SELECT line, custom_id, body, attempts FROM batch_items WHERE batch_id = ? AND status = 'pending' "
+            f"AND next_at_ms <= ? ORDER BY line LIMIT {int(limit) + len(exclude)}", (batch_id, int(time.time() * 1000)))
+        items = [Item(int(line), custom_id, json.loads(body), int(attempts)) for line, custom_id, body, attempts in rows]
+        return [i for i in items if i.line not in exclude][:limit]
+
+    async def has_pending(self, batch_id: str) -> bool:
+        return await self.db.fetchone("SELECT 1 FROM batch_items WHERE batch_id = ? AND status = 'pending' LIMIT 1",
+                                      (batch_id,)) is not None
+
+    async def retry_later(self, batch_id: str, line: int, pause_s: float) -> None:
+        await self.db.execute(
+            "UPDATE batch_items SET attempts = attempts + 1, next_at_ms = ? WHERE batch_id = ? AND line = ? "
+            "AND status = 'pending'", (int((time.time() + pause_s) * 1000), batch_id, line))
 
     async def finish_item(self, batch_id: str, line: int, ok: bool, result: dict) -> None:
         await self.db.execute(

@@ -5,13 +5,19 @@ A request holds its most possible cost (its token reservation at the model's pri
 estimate at the input price, every choice's max_tokens at the output price) against each budget
 that applies, admitted only if every one has room for it on top of the spend so far and the holds
 of requests still running; at the end the hold becomes the request's real cost under billing's
-pricing policy (cloudach.prices: cached tokens at their rate, a failure of ours free). So a budget
-is never overshot by requests admitted together.
+pricing policy (cloudach.prices: cached tokens at their rate, a failure of ours free, a batch's at
+its discount). Requests admitted together overshoot a budget by no more than their holds
+underestimate them: the prompt is estimated (4 characters a token; a default system prompt the
+edge does not see), the output is counted at its max_tokens (or the default reservation).
 
 Spend is counted in nano-units (integer) in counters per budget and period: in Redis when the edge
 has one (every replica shares them, as it shares the rate limits), else in this process. A counter
 starts from the spend billing_svc has recorded for its period (GetUsage), so a restart of the edge
-or of Redis forgets nothing already billed.
+or of Redis forgets nothing already billed; while billing_svc cannot say, a budgeted request
+whose counter has no start yet is refused (503), never let through uncounted. A hold is settled
+in the store that took it, and a settlement adjusts only a counter that exists (one Redis lost,
+or a period ended, meanwhile: nothing to correct). Counters of a key and of its organization
+share one Redis Cluster hash slot (the organization's).
 """
 
 from __future__ import annotations
@@ -87,8 +93,8 @@ def counters(principal: Principal, now: datetime.datetime | None = None) -> list
         for period, limit in (("daily", daily), ("monthly", monthly)):
             if limit > 0:
                 stamp, start, end = periods[period]
-                found.append(Counter(f"cloudach:spend:{{{scope}:{scope_id}}}:{period}:{stamp}", limit * NANOS_PER_MICRO,
-                                     scope, scope_id, period, start, end))
+                name = f"cloudach:spend:{{{principal.organization}}}:{scope}:{scope_id}:{period}:{stamp}"
+                found.append(Counter(name, limit * NANOS_PER_MICRO, scope, scope_id, period, start, end))
     return found
 
 
@@ -101,14 +107,16 @@ class Missing(Exception):
 
 
 class SpendStore(Protocol):
-    async def hold(self, counters: list[Counter], nanos: int) -> Counter | None:
+    async def hold(self, counters: list[Counter], nanos: int) -> tuple[Counter | None, SpendStore]:
         """Adds nanos to every counter if each stays within its limit (else: the one that would
-        not, and nothing changes). Raises Missing for a counter never seeded."""
+        not, and nothing changes), and the store that holds them now. Raises Missing for a
+        counter never seeded."""
 
     async def seed(self, counter: Counter, nanos: int) -> None:
         """Sets a counter's starting spend unless it has one."""
 
-    async def add(self, counters: list[Counter], nanos: int) -> None: ...
+    async def add(self, counters: list[Counter], nanos: int) -> None:
+        """Adds nanos (negative: takes them) to those of the counters that exist."""
 
 
 @dataclass
@@ -123,7 +131,7 @@ class InProcessSpend:
             return None
         return value[0]
 
-    async def hold(self, counters: list[Counter], nanos: int) -> Counter | None:
+    async def hold(self, counters: list[Counter], nanos: int) -> tuple[Counter | None, SpendStore]:
         spent = []
         for counter in counters:
             value = self._get(counter)
@@ -132,9 +140,9 @@ class InProcessSpend:
             spent.append(value)
         for counter, value in zip(counters, spent):
             if value + nanos > counter.limit_nanos:
-                return counter
+                return counter, self
         await self.add(counters, nanos)
-        return None
+        return None, self
 
     async def seed(self, counter: Counter, nanos: int) -> None:
         if self._get(counter) is None:
@@ -142,8 +150,8 @@ class InProcessSpend:
 
     async def add(self, counters: list[Counter], nanos: int) -> None:
         for counter in counters:
-            value, expires = self._values.get(counter.name, (0, time.time() + counter.ttl_s))
-            self._values[counter.name] = (value + nanos, expires)
+            if (value := self._get(counter)) is not None:
+                self._values[counter.name] = (value + nanos, self._values[counter.name][1])
         if len(self._values) > 100_000:  # bounded: drop what has expired
             now = time.time()
             self._values = {k: v for k, v in self._values.items() if v[1] >= now}
@@ -160,6 +168,13 @@ end
 for i, key in ipairs(KEYS) do redis.call('INCRBY', key, nanos) end
 return {'ok', 0}
 """
+# KEYS: the counters; ARGV: nanos. Only counters that exist change (their TTL stays).
+_ADD = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, ARGV[1]) end
+end
+return 0
+"""
 
 
 class RedisSpend:
@@ -168,23 +183,21 @@ class RedisSpend:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._hold = client.register_script(_HOLD)
+        self._add = client.register_script(_ADD)
 
-    async def hold(self, counters: list[Counter], nanos: int) -> Counter | None:
+    async def hold(self, counters: list[Counter], nanos: int) -> tuple[Counter | None, SpendStore]:
         verdict, index = await self._hold(keys=[c.name for c in counters],
                                           args=[nanos, *(c.limit_nanos for c in counters)])
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict == "missing":
             raise Missing(counters[int(index) - 1])
-        return counters[int(index) - 1] if verdict == "over" else None
+        return (counters[int(index) - 1] if verdict == "over" else None), self
 
     async def seed(self, counter: Counter, nanos: int) -> None:
         await self._client.set(counter.name, nanos, nx=True, ex=counter.ttl_s)
 
     async def add(self, counters: list[Counter], nanos: int) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for counter in counters:
-                pipe.incrby(counter.name, nanos)
-            await pipe.execute()
+        await self._add(keys=[c.name for c in counters], args=[nanos])
 
 
 class FailoverSpend:
@@ -200,7 +213,7 @@ class FailoverSpend:
             log.warning("budget counters in Redis unreachable, counting in this process: %s", error)
             return await getattr(self._local, method)(*args)
 
-    async def hold(self, counters: list[Counter], nanos: int) -> Counter | None:
+    async def hold(self, counters: list[Counter], nanos: int) -> tuple[Counter | None, SpendStore]:
         return await self._either("hold", counters, nanos)
 
     async def seed(self, counter: Counter, nanos: int) -> None:
@@ -214,6 +227,8 @@ class FailoverSpend:
 class Hold:
     counters: list[Counter]
     nanos: int
+    #: the store that took it (Redis, or this process's while Redis was away): settled there
+    store: SpendStore
 
 
 class Budgets:
@@ -238,7 +253,7 @@ class Budgets:
         nanos = cost_nanos(self._prices.price(model), prompt_tokens, output_tokens, up=True)
         for _ in range(len(applying) + 1):
             try:
-                over = await self._store.hold(applying, nanos)
+                over, store = await self._store.hold(applying, nanos)
                 break
             except Missing as missing:
                 await self._store.seed(missing.counter, await self._billed_so_far(principal, missing.counter))
@@ -246,16 +261,16 @@ class Budgets:
             raise RuntimeError("budget counters could not be seeded")
         if over is not None:
             raise insufficient_quota(over.scope, over.period, over.limit_nanos // NANOS_PER_MICRO, self._prices.currency)
-        return Hold(applying, nanos)
+        return Hold(applying, nanos, store)
 
     async def settle(self, hold: Hold | None, model: str, outcome: str, prompt: int, completion: int,
-                     cached: int) -> None:
+                     cached: int, batch: bool = False) -> None:
         """The hold becomes the request's cost as billing prices it."""
         if hold is None:
             return
-        actual = cost_nanos(self._prices.billed(model, outcome), prompt, completion, min(cached, prompt))
+        actual = cost_nanos(self._prices.billed(model, outcome, batch), prompt, completion, min(cached, prompt))
         if actual != hold.nanos:
             try:
-                await self._store.add(hold.counters, actual - hold.nanos)
+                await hold.store.add(hold.counters, actual - hold.nanos)
             except Exception:  # noqa: BLE001 - a settlement lost to an outage: the hold stays (over-counts, never under)
                 log.exception("could not settle a budget hold")

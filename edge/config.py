@@ -35,7 +35,6 @@ class EdgeConfig:
     unknown_key_lookups_per_minute: int = setting(60, "CLOUDACH_EDGE_UNKNOWN_KEY_LOOKUPS_PER_MIN")
     #: billing_svc's gRPC address
     billing_target: str = setting(d.address(d.BILLING_PORT), "CLOUDACH_BILLING_TARGET")
-    #: the durable outbox of usage records waiting for billing_svc (SQLite)
     #: the prices budgets are held at: billing_svc's price list (the same file)
     prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_EDGE_PRICES_FILE")
     #: batch jobs and their files: the database every edge replica shares, and where files' bytes go
@@ -50,6 +49,9 @@ class EdgeConfig:
     batch_pause_above: int = setting(8, "CLOUDACH_EDGE_BATCH_PAUSE_ABOVE")
     #: how long a runner's hold on a batch lasts unrenewed (another edge takes over after it)
     batch_lease_s: float = setting(15.0, "CLOUDACH_EDGE_BATCH_LEASE_S")
+    #: the first pause before a batch request that failed with a 5xx runs again (doubling, at most 60 s)
+    batch_retry_s: float = setting(2.0, "CLOUDACH_EDGE_BATCH_RETRY_S")
+    #: the durable outbox of usage records waiting for billing_svc (SQLite)
     outbox_path: str = setting(f"{d.DATA_DIR}/{d.EDGE_OUTBOX}", "CLOUDACH_EDGE_OUTBOX_PATH")
     #: file holding the edge's own API key, exchanged for the token it presents to billing_svc
     service_key_file: str = setting("", "CLOUDACH_EDGE_SERVICE_KEY_FILE")

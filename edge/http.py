@@ -30,11 +30,11 @@ MAX_JSON_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _no_constants(name: str) -> Any:
+def no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _check_values(body: Any) -> None:
+def check_values(body: Any) -> None:
     """Refuses nesting past MAX_JSON_DEPTH and strings (keys too) that are not valid Unicode text."""
     pending = [(body, 1)]
     while pending:
@@ -63,14 +63,14 @@ async def read_json_object(request: web.Request) -> dict:
                        "Expected 'application/json'.", code="unsupported_media_type")
     raw = await request.read()
     try:
-        body = json.loads(raw, parse_constant=_no_constants)
+        body = json.loads(raw, parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError):
         raise bad_request(_UNPARSABLE) from None
     except RecursionError:  # nested past what the parser's stack allows
         raise bad_request(f"The JSON body of your request nests deeper than {MAX_JSON_DEPTH} levels.") from None
     if not isinstance(body, dict):
         raise bad_request("Invalid type for request body: expected a JSON object.", code="invalid_type")
-    _check_values(body)
+    check_values(body)
     return body
 
 

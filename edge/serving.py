@@ -72,6 +72,8 @@ async def run(state: EdgeState, principal: Principal, job: Job, request: web.Req
     whole and outside the key's rate limits, its usage billed as the batch's)."""
     config = state.config
     note = request.__setitem__ if request is not None else (lambda key, value: None)
+    if request is None:
+        _check_model_allowed(principal, job.model)  # serve() did it for an HTTP request
     quota = (Quota(principal.requests_per_minute, principal.tokens_per_minute, principal.max_concurrent_streams)
              if request is not None else Quota(0, 0, 0))
     prompt_reserved, output_reserved = _reservation(job, config.default_reserved_output_tokens)
@@ -173,7 +175,7 @@ async def _settle(state: EdgeState, principal: Principal, job: Job, tally: Tally
     outcome = billing_pb2.Outcome.Name(tally.outcome).removeprefix("OUTCOME_").lower() if tally.accepted \
         else "failed_mid_stream"
     await state.budgets.settle(hold, job.model, outcome, tally.prompt_tokens, tally.completion_tokens,
-                               tally.cached_tokens)
+                               tally.cached_tokens, batch=bool(batch_id))
     if tally.accepted:
         state.metrics.output_tokens.labels(job.model).inc(tally.completion_tokens)
         if tally.time_to_first_token_ns:

@@ -37,6 +37,8 @@ class EdgeState:
     budgets: Budgets = field(default=None)  # type: ignore[assignment]
     #: files and batch jobs (None without a service identity to run them as their keys)
     batches: BatchStore | None = None
+    #: this edge's runner of batch jobs (edge.batch_runner), stopped first at shutdown
+    batch_runner: Any = None
     #: set when a batch is created or cancelled, so the runner does not wait for its next poll
     batch_wake: asyncio.Event = field(default_factory=asyncio.Event)
     billing: BillingServiceStub = field(default=None)  # type: ignore[assignment]

@@ -302,7 +302,12 @@ async def test_a_rotated_signing_key_is_picked_up_by_kid(tmp_path, registry):
 async def test_a_service_identity_gets_an_active_keys_tokens_and_never_a_revoked_ones(auth):
     key, _ = await auth.store.create("umbrella", "batcher", Limits(budget_daily_micros=7))
     async with grpc.aio.insecure_channel(auth.address) as channel:
-        identity = await ServiceToken(AuthServiceStub(channel), SERVICE_KEY).metadata()
+        billing_token = await ServiceToken(AuthServiceStub(channel), SERVICE_KEY).metadata()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the token a service sends billing_svc mints nothing
+            await AuthServiceStub(channel).IssueKeyToken(pb.IssueKeyTokenRequest(key_id=key.key_id),
+                                                         metadata=billing_token)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        identity = await ServiceToken(AuthServiceStub(channel), SERVICE_KEY, purpose=pb.PURPOSE_ADMIN).metadata()
         issued = await AuthServiceStub(channel).IssueKeyToken(pb.IssueKeyTokenRequest(key_id=key.key_id),
                                                               metadata=identity)
         assert issued.principal.key_id == key.key_id and issued.principal.limits.budget_daily_micros == 7

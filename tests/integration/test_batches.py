@@ -10,13 +10,16 @@ import io
 import json
 import uuid
 
+import aiohttp
 import openai
 import pytest
 
 from auth_svc.store import Limits
 from billing_svc.config import BillingConfig
 from billing_svc.server import running_billing
+from cloudach.errors import Unavailable
 from cloudach.prices import cost_micros, load_prices
+from edge.batch_runner import MAX_ATTEMPTS
 from inference_svc.server import running_inference
 from tools.launcher.ports import free_ports
 from tests.fakes import FakeEngine
@@ -180,6 +183,17 @@ async def test_bad_batch_input_is_refused_naming_the_parameter_or_becomes_the_li
                 assert refused.value.body["param"] == param
             with pytest.raises(openai.NotFoundError):
                 await sdk.batches.retrieve("batch_nope")
+            # Forms and parameters that do not parse are 400s, never 500s.
+            surrogate = b'{"custom_id": "\\ud800", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+            with pytest.raises(openai.BadRequestError) as refused:
+                await sdk.files.create(file=("r.jsonl", io.BytesIO(surrogate)), purpose="batch")
+            assert refused.value.code == "invalid_json_line"
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+                async with session.post(f"{url}/v1/files", data=b"--x\r\nnonsense",
+                                        headers={"Content-Type": "multipart/form-data"}) as reply:
+                    assert reply.status == 400 and (await reply.json())["error"]["param"] == "file"
+                async with session.get(f"{url}/v1/batches", params={"limit": "\u00b2"}) as reply:
+                    assert reply.status == 400 and (await reply.json())["error"]["param"] == "limit"
             # Lines run alone: a url not the batch's endpoint and a body the endpoint refuses fail
             # as their lines' errors; the good line is answered.
             mixed = jsonl([chat_line(0), chat_line(1, url="/v1/completions"), chat_line(2, temperature=9)])
@@ -201,3 +215,20 @@ def test_the_batch_price_is_discounted():
     batch = PRICES.billed(MODEL, "completed", batch=True)
     assert PRICES.batch_discount_percent == 50
     assert cost_micros(10_000, 10_000, batch) == cost_micros(10_000, 10_000, price) // 2
+
+
+async def test_a_request_that_keeps_failing_with_a_5xx_is_retried_then_fails_its_line_alone(registry, auth, tmp_path):
+    _, key = await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "batcher", Limits())
+    failing = FakeEngine(steps=[[100]] * 3, fail_after=0, error=Unavailable("the model is restarting"))
+    async with running_inference(inference_config(auth), engine=failing, registry=registry) as inf:
+        async with running_edge(inf.address, auth.address, **batch_places(tmp_path), batch_retry_s=0.05) as url:
+            sdk = client(url, key)
+            uploaded = await sdk.files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line(0), chat_line(1)]))),
+                                              purpose="batch")
+            batch = await sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                             completion_window="24h")
+            done = await wait_for(sdk, batch.id, ("completed",))
+            errors = [json.loads(e) for e in (await sdk.files.content(done.error_file_id)).text.splitlines()]
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, 2)
+    assert [e["response"]["status_code"] for e in errors] == [503, 503]
+    assert len(failing.requests) == 2 * MAX_ATTEMPTS  # each tried MAX_ATTEMPTS times, then given up

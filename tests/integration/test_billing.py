@@ -64,6 +64,21 @@ async def test_records_are_stored_once_and_costed_in_integer_micros(database):  
     assert isinstance(bucket.cost_micros, int) and bucket.day == "2026-11-18"
 
 
+async def test_a_batch_request_run_again_after_a_run_that_did_not_complete_is_billed_for_the_run_that_did(database):  # noqa: F811
+    store = UsageStore(database)
+    await store.migrate()
+    price = Price(input_per_million_micros=200_000, output_per_million_micros=600_000)
+    cut = dataclasses.replace(record("b1", completion=3), outcome="cancelled_by_client", batch_id="batch_x")
+    assert await store.record(cut, price)
+    assert await store.record(dataclasses.replace(cut, outcome="completed", completion_tokens=20), price)
+    assert not await store.record(dataclasses.replace(cut, outcome="completed", completion_tokens=99), price)
+    billed = await store.get("b1")
+    assert (billed.outcome, billed.completion_tokens) == ("completed", 20)
+    # An interactive request's record is never replaced by another with its id.
+    assert await store.record(dataclasses.replace(record("i1"), outcome="cancelled_by_client"), price)
+    assert not await store.record(record("i1"), price)
+
+
 async def test_a_request_only_inference_reported_is_reconstructed_and_the_edges_record_replaces_it(database):  # noqa: F811
     store = UsageStore(database)
     await store.migrate()

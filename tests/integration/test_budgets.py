@@ -89,7 +89,7 @@ async def test_a_key_past_its_daily_budget_gets_insufficient_quota_on_both_edges
             assert (await ask(url, free)).http_response.status_code == 200
         client = redis.Redis.from_url(REDIS)
         try:
-            names = [n async for n in client.scan_iter(f"cloudach:spend:{{key:{capped_key.key_id}}}:daily:*")]
+            names = [n async for n in client.scan_iter(f"cloudach:spend:{{{org}}}:key:{capped_key.key_id}:daily:*")]
             assert len(names) == 1 and int(await client.get(names[0])) == spent * NANOS_PER_MICRO
         finally:
             await client.aclose()
