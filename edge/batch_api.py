@@ -16,6 +16,7 @@ import asyncio
 import json
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edge.batch_store import BatchStore, FileInfo
 from edge.errors import ApiError, bad_request
@@ -103,15 +104,16 @@ async def _read_upload(request: web.Request, max_bytes: int) -> tuple[dict[str, 
                 size += len(chunk)
                 total += len(chunk)
                 if size > limit or total > max_bytes + MAX_FIELD_BYTES * 4:
-                    raise ApiError(413, f"The file is over the limit of {max_bytes} bytes.", param="file",
-                                   code="file_too_large")
+                    what = f"The file is over the limit of {max_bytes} bytes." if is_file else \
+                        f"The form field '{part.name}' is over the limit of {MAX_FIELD_BYTES} bytes."
+                    raise ApiError(413, what, param="file" if is_file else part.name, code="file_too_large")
                 chunks.append(chunk)
             data = b"".join(chunks)
             if is_file:
                 upload = (part.filename, data)
             elif part.name:
                 fields[part.name] = data.decode(errors="replace")
-    except (KeyError, ValueError, AssertionError, UnicodeError) as error:
+    except (KeyError, ValueError, AssertionError, UnicodeError, RuntimeError, HttpProcessingError) as error:
         raise bad_request(f"Invalid multipart form: {type(error).__name__}.", param="file") from None
     return fields, upload
 

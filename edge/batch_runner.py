@@ -11,8 +11,9 @@ batch fails what remains). Low priority on spare capacity: at most `batch_concur
 at once per edge, none started while this edge has `batch_pause_above` interactive requests in
 flight. A request's id is fixed by its batch and line, so one run again after a restart is
 billed once (billing keeps the run that completed). A failure that waiting may cure (a 5xx: a
-service restarting) is retried after a growing pause, MAX_ATTEMPTS times in all, then stored as
-the line's error. Requests running when the batch is cancelled, expires or the edge stops are
+service restarting: 502, 503, 504) is retried after a growing pause until the batch's window ends,
+and new requests wait out the pause too; another 5xx (a 500) is retried MAX_ATTEMPTS times in all,
+then stored as the line's error. Requests running when the batch is cancelled, expires or the edge stops are
 let finish, the lease renewed meanwhile.
 """
 
@@ -35,11 +36,16 @@ from edge.batch_api import ENDPOINTS
 from edge.batch_store import Batch, BatchStore, Item, LeaseLost
 from edge.chat import parse_chat_request
 from edge.completions import parse_completion_request
+from cloudach.errors import PermissionDenied
+from cloudach.rpc.errors import error_from_rpc
 from edge.errors import ApiError, from_failure
 
 log = logging.getLogger(__name__)
 PARSERS = dict(zip(ENDPOINTS, (parse_chat_request, parse_completion_request)))
 MAX_ATTEMPTS = 5
+#: failures waiting cures (a service restarting, at capacity): retried until the window ends
+PASSING = (502, 503, 504)
+#: a batch whose input cannot be read or parsed this many times is failed
 MAX_BATCH_FAILURES = 3
 _EXPIRED = {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}
 _CANCELLED = {"code": "batch_cancelled", "message": "This request was not executed: the batch was cancelled."}
@@ -69,6 +75,8 @@ class BatchRunner:
         self._owner = f"edge-{uuid.uuid4().hex[:12]}"
         self._principals: dict[str, tuple[float, object]] = {}
         self._running = 0
+        #: no new request starts before this (time.time()): the last one met a passing failure
+        self._pause_until = 0.0
         #: set at shutdown: no new request starts, the running ones finish (their bills whole)
         self.stopping = asyncio.Event()
 
@@ -87,17 +95,15 @@ class BatchRunner:
                     try:
                         await self._work(batch_id)
                     finally:
-                        await self._store.release(batch_id, self._owner)
+                        with contextlib.suppress(Exception):  # an unreleased lease expires on its own
+                            await self._store.release(batch_id, self._owner)
                     continue
             except asyncio.CancelledError:
                 raise
             except LeaseLost:
                 continue  # another runner has it, or it was cancelled meanwhile: read it again
-            except Exception as error:  # noqa: BLE001 - the runner never stops; the batch is retried, a few times
-                log.exception("batch runner failed on %s", batch_id)
-                if batch_id is not None and await self._store.failed_once(batch_id) >= MAX_BATCH_FAILURES:
-                    await self._store.fail_batch(batch_id, [{"code": "batch_failed", "line": None, "param": None,
-                                                             "message": f"The batch could not be run: {type(error).__name__}"}])
+            except Exception:  # noqa: BLE001 - the runner never stops (its database away, say): the batch waits
+                log.exception("batch runner failed on %s; retrying", batch_id)
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_s):
@@ -113,20 +119,29 @@ class BatchRunner:
             await self._finalize(batch)
 
     async def _validate(self, batch: Batch) -> Batch:
-        data = await self._store.files.get(batch.input_file_id)
-        items, wrong = [], []
-        number = 0
-        for raw in data.split(b"\n"):
-            if not raw.strip():
-                continue
-            number += 1
-            line = json.loads(raw)  # checked whole at upload
-            right = line["url"] == batch.endpoint
-            items.append(Item(number, line["custom_id"], line["body"] if right else {}))
-            if not right:
-                wrong.append((number, line["url"]))
-        await self._store.add_items(batch.id, items)
-        await self._renew(batch)
+        try:
+            data = await self._store.files.get(batch.input_file_id)
+            items, wrong = [], []
+            number = 0
+            for raw in data.split(b"\n"):
+                if not raw.strip():
+                    continue
+                number += 1
+                line = json.loads(raw)  # checked whole at upload
+                right = line["url"] == batch.endpoint
+                items.append(Item(number, line["custom_id"], line["body"] if right else {}))
+                if not right:
+                    wrong.append((number, line["url"]))
+        except Exception as error:  # noqa: BLE001 - its input cannot be read: a few tries, then the batch fails
+            log.exception("batch %s: its input file could not be read", batch.id)
+            if await self._store.failed_once(batch.id) >= MAX_BATCH_FAILURES:
+                await self._store.fail_batch(batch.id, [{"code": "invalid_input_file", "line": None, "param": None,
+                                                         "message": f"The input file could not be read: "
+                                                                    f"{type(error).__name__}"}])
+            raise LeaseLost(batch.id) from None  # read it again (failed, or to try once more)
+        for start in range(0, len(items), 500):  # in chunks, the lease renewed between them
+            await self._store.add_items(batch.id, items[start:start + 500])
+            await self._renew(batch)
         for number, url in wrong:
             await self._store.finish_item(batch.id, number, False, _result(error={
                 "code": "invalid_url", "message": f"The url {url} is not the batch's endpoint {batch.endpoint}."}))
@@ -166,7 +181,7 @@ class BatchRunner:
                 if not running and not pending and not await self._store.has_pending(batch.id):
                     await self._store.move(batch.id, self._owner, ("in_progress",), "finalizing", "finalizing_at")
                     return await self._store.batch(None, batch.id)
-                if interactive < self._pause_above:
+                if interactive < self._pause_above and time.time() >= self._pause_until:
                     for item in pending:
                         task = asyncio.create_task(self._run_item(batch, item))
                         task.line = item.line  # type: ignore[attr-defined]
@@ -175,6 +190,9 @@ class BatchRunner:
                     done, _ = await asyncio.wait(running, timeout=self._lease_s / 3,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     running.difference_update(done)
+                    for task in done:
+                        if not task.cancelled() and task.exception() is not None:  # its result not stored: it runs again
+                            log.error("batch %s: a request's run failed", batch.id, exc_info=task.exception())
                 else:
                     await asyncio.sleep(0.2)  # interactive traffic first, or requests waiting out a retry
         finally:
@@ -202,9 +220,15 @@ class BatchRunner:
             try:
                 principal = await self._principal(batch.key_id)
             except grpc.aio.AioRpcError as failure:
-                if failure.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
-                    raise
-                raise ApiError(401, "The API key that created this batch was revoked.", code="invalid_api_key") from None
+                refusal = error_from_rpc(failure)
+                if failure.code() == grpc.StatusCode.NOT_FOUND or refusal.code == "invalid_api_key":
+                    raise ApiError(401, "The API key that created this batch was revoked.",
+                                   code="invalid_api_key") from None
+                # our own identity refused, auth_svc away: nothing to do with the line; later
+                raise ApiError(503, f"auth_svc did not issue the key's tokens: {refusal.message}",
+                               type="server_error") from None
+            except PermissionDenied as refused:  # the service key is not one (ServiceToken says so)
+                raise ApiError(503, refused.message, type="server_error") from None
             if item.body.get("stream"):
                 raise ApiError(400, "Batch requests are answered whole: 'stream' must be false.", param="stream",
                                code="invalid_value")
@@ -225,11 +249,12 @@ class BatchRunner:
             self._running -= 1
 
     async def _store_failure(self, batch: Batch, item: Item, request_id: str, error: ApiError) -> None:
-        if error.status >= 500 and item.attempts + 1 < MAX_ATTEMPTS:
-            pause = min(60.0, self._retry_s * 2 ** item.attempts)
+        if error.status in PASSING or (error.status >= 500 and item.attempts + 1 < MAX_ATTEMPTS):
+            pause = min(60.0, self._retry_s * 2 ** min(item.attempts, 10))
             log.warning("batch %s line %d: %d %s; retried in %.0fs", batch.id, item.line, error.status, error.message,
                         pause)
             await self._store.retry_later(batch.id, item.line, pause)
+            self._pause_until = max(self._pause_until, time.time() + pause)  # the others wait too
             return
         await self._store.finish_item(batch.id, item.line, False, _result(
             {"status_code": error.status, "request_id": request_id, "body": error.envelope()}))
@@ -241,13 +266,14 @@ class BatchRunner:
         for line, custom_id, status, result in await self._store.results(batch.id):
             entry = {"id": f"batch_req_{_line_id(batch.id, line)}", "custom_id": custom_id, **json.loads(result)}
             (output if status == "done" else errors).append(json.dumps(entry, ensure_ascii=False))
-        await self._renew(batch)
         files = {}
         for column, lines, kind in (("output_file_id", output, "output"), ("error_file_id", errors, "error")):
             if lines:
+                await self._renew(batch)
                 info = await self._store.add_file(batch.organization, batch.key_id, "batch_output",
                                                   f"{batch.id}_{kind}.jsonl", ("\n".join(lines) + "\n").encode())
                 files[column] = info.id
+        await self._renew(batch)
         if batch.status == "cancelling":
             await self._store.move(batch.id, self._owner, ("cancelling",), "cancelled", "cancelled_at", **files)
         elif batch.times.get("expired_at"):

@@ -245,12 +245,13 @@ class Budgets:
         reply = await self._billing.GetUsage(query, metadata=principal.usage_metadata, timeout=5)
         return reply.total.cost_micros * NANOS_PER_MICRO
 
-    async def hold(self, principal: Principal, model: str, prompt_tokens: int, output_tokens: int) -> Hold | None:
+    async def hold(self, principal: Principal, model: str, prompt_tokens: int, output_tokens: int,
+                   batch: bool = False) -> Hold | None:
         """Holds the request's most possible cost, or raises insufficient_quota. None: no budget applies."""
         applying = counters(principal)
         if not applying:
             return None
-        nanos = cost_nanos(self._prices.price(model), prompt_tokens, output_tokens, up=True)
+        nanos = cost_nanos(self._prices.billed(model, "completed", batch), prompt_tokens, output_tokens, up=True)
         for _ in range(len(applying) + 1):
             try:
                 over, store = await self._store.hold(applying, nanos)

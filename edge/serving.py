@@ -86,7 +86,7 @@ async def run(state: EdgeState, principal: Principal, job: Job, request: web.Req
         state.metrics.rejections.labels(f"rate_limit_{decision.refused_by}").inc()
         raise refusal(decision, quota)
     try:
-        hold = await hold_budget(state.budgets, principal, job.model, prompt_reserved, output_reserved)
+        hold = await hold_budget(state.budgets, principal, job.model, prompt_reserved, output_reserved, bool(batch_id))
     except BaseException as failure:
         if isinstance(failure, ApiError) and failure.code == "insufficient_quota":
             state.metrics.rejections.labels("budget").inc()
@@ -147,10 +147,11 @@ async def _give_back(limiter: Limiter, asking: asyncio.Future, key_id: str, quot
         await _give_back_admission(limiter, key_id, quota, request_id, reserved)
 
 
-async def hold_budget(budgets: Budgets, principal: Principal, model: str, prompt: int, output: int) -> Hold | None:
+async def hold_budget(budgets: Budgets, principal: Principal, model: str, prompt: int, output: int,
+                      batch: bool = False) -> Hold | None:
     """The request's budget hold (insufficient_quota raises). A request cancelled while it is taken
     gives back whatever it took, as admit() does."""
-    holding = asyncio.ensure_future(budgets.hold(principal, model, prompt, output))
+    holding = asyncio.ensure_future(budgets.hold(principal, model, prompt, output, batch))
     try:
         return await asyncio.shield(holding)
     except asyncio.CancelledError:

@@ -217,18 +217,49 @@ def test_the_batch_price_is_discounted():
     assert cost_micros(10_000, 10_000, batch) == cost_micros(10_000, 10_000, price) // 2
 
 
-async def test_a_request_that_keeps_failing_with_a_5xx_is_retried_then_fails_its_line_alone(registry, auth, tmp_path):
+class Flaky(FakeEngine):
+    """Fails its first `failures` generations as a restarting model does (UNAVAILABLE), then answers;
+    with forever, always fails with an error of ours (a 500)."""
+
+    def __init__(self, registry, failures: int = 0, forever: bool = False) -> None:
+        super().__init__(steps=[registry.get(MODEL).tokenizer.encode(" ok")] * 3)
+        self.failures, self.forever, self.calls = failures, forever, 0
+
+    async def generate(self, request):
+        self.calls += 1
+        if self.forever:
+            raise RuntimeError("a bug of ours")
+        if self.calls <= self.failures:
+            raise Unavailable("the model is restarting")
+        async for step in super().generate(request):
+            yield step
+
+
+async def run_batch(registry, auth, tmp_path, engine, lines: int) -> tuple:
     _, key = await auth.store.create(f"o-{uuid.uuid4().hex[:6]}", "batcher", Limits())
-    failing = FakeEngine(steps=[[100]] * 3, fail_after=0, error=Unavailable("the model is restarting"))
-    async with running_inference(inference_config(auth), engine=failing, registry=registry) as inf:
+    async with running_inference(inference_config(auth), engine=engine, registry=registry) as inf:
         async with running_edge(inf.address, auth.address, **batch_places(tmp_path), batch_retry_s=0.05) as url:
             sdk = client(url, key)
-            uploaded = await sdk.files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line(0), chat_line(1)]))),
+            uploaded = await sdk.files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line(i) for i in range(lines)]))),
                                               purpose="batch")
             batch = await sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                              completion_window="24h")
             done = await wait_for(sdk, batch.id, ("completed",))
-            errors = [json.loads(e) for e in (await sdk.files.content(done.error_file_id)).text.splitlines()]
+            errors = [] if done.error_file_id is None else \
+                [json.loads(e) for e in (await sdk.files.content(done.error_file_id)).text.splitlines()]
+    return done, errors
+
+
+async def test_a_model_restarting_delays_a_batch_and_fails_none_of_its_lines(registry, auth, tmp_path):
+    flaky = Flaky(registry, failures=7)  # more than MAX_ATTEMPTS: passing failures are retried until the window ends
+    done, errors = await run_batch(registry, auth, tmp_path, flaky, 2)
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 0) and not errors
+    assert flaky.calls == 7 + 2
+
+
+async def test_a_request_that_keeps_failing_with_a_500_is_retried_then_fails_its_line_alone(registry, auth, tmp_path):
+    broken = Flaky(registry, forever=True)
+    done, errors = await run_batch(registry, auth, tmp_path, broken, 2)
     assert (done.request_counts.completed, done.request_counts.failed) == (0, 2)
-    assert [e["response"]["status_code"] for e in errors] == [503, 503]
-    assert len(failing.requests) == 2 * MAX_ATTEMPTS  # each tried MAX_ATTEMPTS times, then given up
+    assert [e["response"]["status_code"] for e in errors] == [500, 500]
+    assert broken.calls == 2 * MAX_ATTEMPTS  # each tried MAX_ATTEMPTS times, then given up
