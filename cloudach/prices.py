@@ -68,7 +68,12 @@ def load_prices(path: str) -> PriceList:
     return PriceList(document.get("currency", "USD"), models, discount)
 
 
+def cost_picos(prompt_tokens: int, completion_tokens: int, price: Price, cached_tokens: int = 0) -> int:
+    """Exact integer pico-units of the currency (tokens × micro-units per million)."""
+    return ((prompt_tokens - cached_tokens) * price.input_per_million_micros + cached_tokens * price.cached_input
+            + completion_tokens * price.output_per_million_micros)
+
+
 def cost_micros(prompt_tokens: int, completion_tokens: int, price: Price, cached_tokens: int = 0) -> int:
     """Integer micro-units, rounded down once (apply it to totals, not to each request)."""
-    return ((prompt_tokens - cached_tokens) * price.input_per_million_micros + cached_tokens * price.cached_input
-            + completion_tokens * price.output_per_million_micros) // 1_000_000
+    return cost_picos(prompt_tokens, completion_tokens, price, cached_tokens) // 1_000_000

@@ -32,7 +32,7 @@ import redis.asyncio as redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudach.billing.v1 import billing_pb2 as bpb
-from cloudach.prices import Price, PriceList
+from cloudach.prices import Price, PriceList, cost_picos
 from edge.auth import Principal
 from edge.errors import ApiError
 
@@ -51,8 +51,7 @@ def insufficient_quota(scope: str, period: str, limit_micros: int, currency: str
 
 
 def cost_nanos(price: Price, prompt: int, completion: int, cached: int = 0, up: bool = False) -> int:
-    picos = ((prompt - cached) * price.input_per_million_micros + cached * price.cached_input
-             + completion * price.output_per_million_micros)
+    picos = cost_picos(prompt, completion, price, cached)
     return -(-picos // 1_000) if up else picos // 1_000
 
 
