@@ -9,8 +9,9 @@ not know which it has.
 Streams are spread over inference_svc's replicas by the channel's per-call balancing, a few per
 edge. A stream takes new calls for retire_after_s, then ends once its calls have: servers close a
 connection after 5 minutes (11 more for its streams), and a stream must not outlive that. A call
-whose stream fails before it has anything is started again, once, on another stream (what gRPC's
-own retry did for a single call).
+whose stream fails UNAVAILABLE before it has anything is started again on another stream, up to
+MAX_ATTEMPTS in all after a doubling backoff (gRPC's own retry policy for a single call: a replica
+just killed can take a new stream or two before the channel knows it is gone).
 """
 
 from __future__ import annotations
@@ -39,11 +40,16 @@ def _error(code: grpc.StatusCode, message: str, status: bytes = b"") -> grpc.aio
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
+#: a call's streams at most, and the pauses between (as the channel's retry policy for Generate)
+MAX_ATTEMPTS = 3
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.05, 0.5
+
+
 class MuxCall:
     """One Generate call on a shared stream."""
 
     __slots__ = ("request", "authorization", "traceparent", "timeout_ms", "id", "stream", "_events", "_ended",
-                 "received", "retried")
+                 "received", "attempts")
 
     def __init__(self, request: pb.GenerateRequest, authorization: str, traceparent: str, timeout_ms: int) -> None:
         self.request, self.authorization, self.traceparent, self.timeout_ms = request, authorization, traceparent, timeout_ms
@@ -52,7 +58,12 @@ class MuxCall:
         self._events: asyncio.Queue = asyncio.Queue()  # bounded by the call's own tokens (max_tokens)
         self._ended = False
         self.received = 0
-        self.retried = False
+        #: streams it was started on
+        self.attempts = 0
+
+    @property
+    def retried(self) -> bool:
+        return self.attempts > 1
 
     def start_message(self) -> pb.MuxRequest:
         return pb.MuxRequest(call=self.id, start=self.request, authorization=self.authorization,
@@ -189,16 +200,25 @@ class Multiplexer:
             self._streams.append(stream)
         else:
             stream = min(live, key=lambda s: len(s.calls))
+        call.attempts += 1
         stream.add(call)
 
     def _failed(self, call: MuxCall, failure: grpc.aio.AioRpcError) -> None:
         """A call whose stream failed: started again elsewhere if it had nothing yet, else failed."""
-        if (not self._closing and not call.received and not call.retried and not call._ended
+        if (not self._closing and not call.received and call.attempts < MAX_ATTEMPTS and not call._ended
                 and failure.code() == grpc.StatusCode.UNAVAILABLE):
-            call.retried = True
-            self._place(call)
+            backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (call.attempts - 1))
+            asyncio.get_running_loop().call_later(backoff, self._retry, call, failure)
             return
         call.deliver(failure)
+
+    def _retry(self, call: MuxCall, failure: grpc.aio.AioRpcError) -> None:
+        if call._ended:
+            return  # cancelled meanwhile
+        if self._closing:
+            call.deliver(failure)
+            return
+        self._place(call)
 
     async def close(self) -> None:
         self._closing = True
