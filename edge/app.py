@@ -68,15 +68,15 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
         else:
             state.limiter = InProcessLimiter(window_s=config.rate_window_s)
         state.budgets = Budgets(spend, prices, state.billing)
-        identity = None
+        identity = service_key = None
         if config.service_key_file:
-            identity = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip())
+            service_key = pathlib.Path(config.service_key_file).read_text().strip()
+            identity = ServiceToken(AuthServiceStub(auth), service_key)
         state.outbox, state.outbox_wake = await stack.enter_async_context(delivering(
             config.outbox_path, state.billing, identity, config.outbox_max_backoff_s, config.outbox_depth_every_s,
             state.metrics.outbox_depth, state.metrics.outbox_set_aside, config.outbox_flush_s))
-        if identity is not None:
-            issuer = ServiceToken(AuthServiceStub(auth), pathlib.Path(config.service_key_file).read_text().strip(),
-                                  purpose=auth_pb2.PURPOSE_ADMIN)
+        if service_key is not None:
+            issuer = ServiceToken(AuthServiceStub(auth), service_key, purpose=auth_pb2.PURPOSE_ADMIN)
             await stack.enter_async_context(batch_jobs(state, issuer, AuthServiceStub(auth)))
         yield
 

@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edge.batch_store import BatchStore, FileInfo
 from edge.errors import ApiError, bad_request
-from edge.http import check_values, no_constants, read_json_object
+from edge.http import check_values, no_constants, query_integer, read_json_object
 from edge.state import PRINCIPAL, STATE
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -189,10 +189,7 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    raw = request.query.get("limit", "20")
-    limit = int(raw) if raw.isascii() and raw.isdecimal() and len(raw) <= 3 else 0
-    if not 1 <= limit <= 100:
-        raise bad_request("Invalid 'limit': expected an integer from 1 to 100.", param="limit", code="invalid_value")
+    limit = query_integer(request, "limit", 1, 100, default=20)
     batches, more = await _store(request).batches(request[PRINCIPAL].organization, limit, request.query.get("after"))
     data = [b.json() for b in batches]
     return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

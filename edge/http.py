@@ -78,3 +78,20 @@ def request_id(request: web.Request) -> str:
     """The client's x-request-id when it is a sane token, otherwise a new one."""
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else f"req_{uuid.uuid4().hex}"
+
+
+def query_integer(request: web.Request, name: str, low: int, high: int, default: int | None = None) -> int:
+    """An integer query parameter within [low, high]; missing: default, or a 400 when it has none."""
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise bad_request(f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"Invalid '{name}': expected an integer.", param=name, code="invalid_type") from None
+    if not low <= value <= high:
+        raise bad_request(f"Invalid '{name}': expected a value from {low} to {high}.", param=name,
+                          code="invalid_value")
+    return value

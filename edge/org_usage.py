@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudach.billing.v1 import billing_pb2 as pb
 from edge.errors import ApiError, bad_request
+from edge.http import query_integer
 from edge.state import PRINCIPAL, STATE
 from edge.usage import MAX_UNIX_S
 
@@ -33,22 +34,6 @@ COST_GROUPS = ("project_id", "line_item")
 def _values(request: web.Request, name: str) -> list[str]:
     """An array parameter as the SDKs send it (`name[]=a&name[]=b`) or repeated (`name=a&name=b`)."""
     return [*request.query.getall(f"{name}[]", ()), *request.query.getall(name, ())]
-
-
-def _integer(request: web.Request, name: str, low: int, high: int, default: int | None = None) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        if default is None:
-            raise bad_request(f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"Invalid '{name}': expected an integer.", param=name, code="invalid_type") from None
-    if not low <= value <= high:
-        raise bad_request(f"Invalid '{name}': expected a value from {low} to {high}.", param=name,
-                          code="invalid_value")
-    return value
 
 
 def _choices(request: web.Request, name: str, allowed: tuple[str, ...]) -> list[str]:
@@ -91,10 +76,10 @@ class Window:
 
 
 def _window(request: web.Request, width_s: int, limits: tuple[int, int]) -> Window:
-    start = _integer(request, "start_time", 0, MAX_UNIX_S)
+    start = query_integer(request, "start_time", 0, MAX_UNIX_S)
     # by default, up to now (the current second included)
-    end = _integer(request, "end_time", start + 1, MAX_UNIX_S, default=max(start + 1, int(time.time()) + 1))
-    limit = _integer(request, "limit", 1, limits[1], default=limits[0])
+    end = query_integer(request, "end_time", start + 1, MAX_UNIX_S, default=max(start + 1, int(time.time()) + 1))
+    limit = query_integer(request, "limit", 1, limits[1], default=limits[0])
     total = -(-(end - start) // width_s)
     first = _page(request)
     if not 0 <= first <= total:

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudach.billing.v1 import billing_pb2 as pb
 from edge.errors import bad_request
+from edge.http import query_integer
 from edge.state import PRINCIPAL, STATE
 
 
@@ -29,17 +30,10 @@ MAX_UNIX_S = 253_402_300_799
 
 
 def _time(request: web.Request, name: str) -> Timestamp | None:
-    raw = request.query.get(name)
-    if raw is None:
+    """Unix seconds, when given."""
+    if name not in request.query:
         return None
-    try:
-        seconds = int(raw)
-    except ValueError:
-        raise bad_request(f"Invalid '{name}': expected unix seconds.", param=name, code="invalid_type") from None
-    if not 0 <= seconds <= MAX_UNIX_S:
-        raise bad_request(f"Invalid '{name}': expected unix seconds from 0 to {MAX_UNIX_S}.", param=name,
-                          code="invalid_value")
-    return Timestamp(seconds=seconds)
+    return Timestamp(seconds=query_integer(request, name, 0, MAX_UNIX_S))
 
 
 async def get_usage(request: web.Request) -> web.Response:
