@@ -7,8 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from bench.drivers import MODEL as MODEL_ID
-from bench.drivers import Driver, HttpDriver, InferenceDriver, ModelDriver, TritonDriver
+from bench.drivers import MODEL, Driver, HttpDriver, InferenceDriver, ModelDriver, TritonDriver
 from bench.load import run_load
 from bench.report import summarize
 from bench.stack import CPU, SYNTHETIC, BenchStack, bench_stack
@@ -155,7 +154,7 @@ async def _start_batch(stack: BenchStack, requests: int, max_tokens: int) -> str
     import aiohttp
 
     lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
-        "model": MODEL_ID, "messages": [{"role": "user", "content": f"{PROMPT} ({i})"}], "max_tokens": max_tokens,
+        "model": MODEL, "messages": [{"role": "user", "content": f"{PROMPT} ({i})"}], "max_tokens": max_tokens,
     }}).encode() + b"\n" for i in range(requests))
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     async with aiohttp.ClientSession() as session:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
 from dataclasses import dataclass
 
 from cloudach import defaults as d
 from cloudach.config import from_env, setting
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -21,7 +19,7 @@ class BillingConfig:
     #: auth_svc, whose published keys verify callers' tokens
     auth_target: str = setting(d.address(d.AUTH_PORT), "CLOUDACH_AUTH_TARGET")
     #: prices per model (TOML)
-    prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_BILLING_PRICES_FILE")
+    prices_file: str = setting(d.PRICES_FILE, "CLOUDACH_BILLING_PRICES_FILE")
     #: a request only inference_svc reported enters the ledger once its reports are this old
     #: (the edge's record of it, normally there within a second, has had time to come)
     reconcile_after_s: float = setting(60.0, "CLOUDACH_BILLING_RECONCILE_AFTER_S")

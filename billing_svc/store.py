@@ -68,8 +68,10 @@ MIGRATIONS = [
     """,
 ]
 #: a row's cost in pico-units of the currency (tokens × micro-units per million); sum, then // 1,000,000
-COST_PICOS = ("(prompt_tokens - cached_tokens) * input_per_million_micros + cached_tokens * cached_input_per_million_micros"
-              " + completion_tokens * output_per_million_micros")
+INPUT_PICOS = "(prompt_tokens - cached_tokens) * input_per_million_micros"
+CACHED_PICOS = "cached_tokens * cached_input_per_million_micros"
+OUTPUT_PICOS = "completion_tokens * output_per_million_micros"
+COST_PICOS = f"{INPUT_PICOS} + {CACHED_PICOS} + {OUTPUT_PICOS}"
 _LEDGER_COLUMNS = ("request_id, key_id, organization, model, prompt_tokens, completion_tokens, outcome, started_at_ms, "
                    "ended_at_ms, time_to_first_token_ns, day, input_per_million_micros, output_per_million_micros, "
                    "end_user, source, cached_tokens, cached_input_per_million_micros, batch_id")
@@ -161,7 +163,7 @@ class UsageStore:
             (r.request_id, r.key_id, r.organization, r.model, r.prompt_tokens, r.completion_tokens, r.outcome,
              r.started_at_ms, r.ended_at_ms, r.time_to_first_token_ns, utc_day(r.started_at_ms),
              price.input_per_million_micros, price.output_per_million_micros, r.user,
-             min(r.cached_tokens, r.prompt_tokens), price.cached_input, r.batch_id),
+             r.cached_tokens, price.cached_input, r.batch_id),
         )
         return changed == 1
 
@@ -233,8 +235,7 @@ class UsageStore:
         bucket = f"(started_at_ms - {int(q.start_ms)}) / {int(q.bucket_ms)}"
         rows = await self._db.fetchall(
             f"SELECT {', '.join([bucket, *grouped])}, COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), "
-            "SUM(completion_tokens), SUM((prompt_tokens - cached_tokens) * input_per_million_micros), "
-            "SUM(cached_tokens * cached_input_per_million_micros), SUM(completion_tokens * output_per_million_micros) "
+            f"SUM(completion_tokens), SUM({INPUT_PICOS}), SUM({CACHED_PICOS}), SUM({OUTPUT_PICOS}) "
             f"FROM usage_records WHERE {' AND '.join(where)} GROUP BY {', '.join([bucket, *grouped])} "
             f"ORDER BY {', '.join(str(i + 1) for i in range(1 + len(grouped)))}",
             tuple(args),

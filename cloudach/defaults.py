@@ -6,6 +6,8 @@ so a port or a path changes in one place.
 
 from __future__ import annotations
 
+import pathlib
+
 HOST = "127.0.0.1"
 
 EDGE_PORT = 8080
@@ -21,6 +23,8 @@ BILLING_METRICS_PORT = 9103
 #: the local stack's state (what `make run` keeps between runs), relative to where it runs
 STATE_DIR = ".cloudach"
 DATA_DIR = f"{STATE_DIR}/data"
+#: the price list billing_svc prices the ledger with and the edge holds budgets at
+PRICES_FILE = str(pathlib.Path(__file__).resolve().parent.parent / "deploy" / "billing" / "prices.toml")
 DEV_API_KEY_FILE = f"{STATE_DIR}/dev-api-key"
 AUTH_DATABASE = "auth.db"
 AUTH_SIGNING_KEY = "auth-signing-key.pem"

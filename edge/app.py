@@ -54,11 +54,11 @@ async def channels(app: web.Application) -> AsyncIterator[None]:
                                    unknown_lookups_per_minute=config.unknown_key_lookups_per_minute)
         state.billing = BillingServiceStub(billing)
         prices = load_prices(config.prices_file)
-        spend = InProcessSpend()
+        spend: InProcessSpend | FailoverSpend = InProcessSpend()
         if config.redis_url:
             client = redis_client(config.redis_url, config.redis_timeout_s)
             stack.push_async_callback(client.aclose)
-            spend = FailoverSpend(RedisSpend(client), InProcessSpend())
+            spend = FailoverSpend(RedisSpend(client), spend)
             state.limiter = FailoverLimiter(RedisLimiter(client, config.rate_window_s),
                                             InProcessLimiter(window_s=config.rate_window_s),
                                             replicas=config.edge_replicas, open_s=config.redis_retry_s,

@@ -1,6 +1,6 @@
 """Files and batch jobs (OpenAI's Files and Batch APIs): their state in a database every edge
 replica shares (SQLite by default, PostgreSQL in production), their bytes behind FileStore (a
-directory here; object storage is one more implementation of its three methods).
+directory here; object storage is one more implementation of its two methods).
 
 A batch's requests are rows (batch_items), each done once its result is stored, so a restart of
 any process resumes a batch where it was; the edge replica running a batch holds a lease on it

@@ -268,7 +268,7 @@ class Budgets:
         """The hold becomes the request's cost as billing prices it."""
         if hold is None:
             return
-        actual = cost_nanos(self._prices.billed(model, outcome, batch), prompt, completion, min(cached, prompt))
+        actual = cost_nanos(self._prices.billed(model, outcome, batch), prompt, completion, cached)
         if actual != hold.nanos:
             try:
                 await hold.store.add(hold.counters, actual - hold.nanos)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pathlib
 from dataclasses import dataclass
 
 from cloudach import defaults as d
 from cloudach.config import from_env, setting
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class EdgeConfig:
     #: billing_svc's gRPC address
     billing_target: str = setting(d.address(d.BILLING_PORT), "CLOUDACH_BILLING_TARGET")
     #: the prices budgets are held at: billing_svc's price list (the same file)
-    prices_file: str = setting(str(REPO_ROOT / "deploy" / "billing" / "prices.toml"), "CLOUDACH_EDGE_PRICES_FILE")
+    prices_file: str = setting(d.PRICES_FILE, "CLOUDACH_EDGE_PRICES_FILE")
     #: batch jobs and their files: the database every edge replica shares, and where files' bytes go
     batch_database_url: str = setting(f"sqlite:///{d.DATA_DIR}/batches.db", "CLOUDACH_EDGE_BATCH_DATABASE_URL")
     files_dir: str = setting(f"{d.DATA_DIR}/files", "CLOUDACH_EDGE_FILES_DIR")

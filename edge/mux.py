@@ -26,6 +26,7 @@ import grpc
 from opentelemetry import propagate
 
 from cloudach.inference.v1 import inference_pb2 as pb
+from cloudach.rpc.client import RETRY_ATTEMPTS, RETRY_FIRST_BACKOFF_S, RETRY_MAX_BACKOFF_S
 from cloudach.rpc.errors import DRAINING, error_from_rpc
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,8 @@ def _error(code: grpc.StatusCode, message: str, status: bytes = b"") -> grpc.aio
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-#: a call's streams at most, and the pauses between (as the channel's retry policy for Generate)
-MAX_ATTEMPTS = 3
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.05, 0.5
+#: a call's streams at most, and the pauses between: the channel's retry policy for Generate
+MAX_ATTEMPTS, FIRST_BACKOFF_S, MAX_BACKOFF_S = RETRY_ATTEMPTS, RETRY_FIRST_BACKOFF_S, RETRY_MAX_BACKOFF_S
 
 
 class MuxCall:
@@ -60,10 +60,6 @@ class MuxCall:
         self.received = 0
         #: streams it was started on
         self.attempts = 0
-
-    @property
-    def retried(self) -> bool:
-        return self.attempts > 1
 
     def start_message(self) -> pb.MuxRequest:
         return pb.MuxRequest(call=self.id, start=self.request, authorization=self.authorization,

@@ -231,7 +231,7 @@ async def _bill(state: EdgeState, principal: Principal, job: Job, tally: Tally, 
     record = billing_pb2.UsageRecord(
         request_id=job.id, key_id=principal.key_id, organization=principal.organization, model=job.model,
         prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
-        cached_tokens=min(tally.cached_tokens, tally.prompt_tokens), outcome=tally.outcome,
+        cached_tokens=tally.cached_tokens, outcome=tally.outcome,
         started_at=started, ended_at=ended, time_to_first_token_ns=tally.time_to_first_token_ns, user=job.user,
         batch_id=batch_id,
     )

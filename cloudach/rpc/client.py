@@ -62,11 +62,14 @@ def keepalive_options(every_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
 #: round robin over every address; an inference call that fails UNAVAILABLE before its first
 #: message (a replica that died or is draining) is retried on another: gRPC retries a stream only
 #: until a response has arrived, so failover never repeats text a caller has seen
+#: the retry policy of InferenceService calls (the edge's Multiplexer retries its calls alike)
+RETRY_ATTEMPTS, RETRY_FIRST_BACKOFF_S, RETRY_MAX_BACKOFF_S = 3, 0.05, 0.5
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "cloudach.inference.v1.InferenceService"}],
-        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+        "retryPolicy": {"maxAttempts": RETRY_ATTEMPTS, "initialBackoff": f"{RETRY_FIRST_BACKOFF_S}s",
+                        "maxBackoff": f"{RETRY_MAX_BACKOFF_S}s", "backoffMultiplier": 2,
                         "retryableStatusCodes": ["UNAVAILABLE"]},
     }],
 })

@@ -210,11 +210,14 @@ async def test_bad_batch_input_is_refused_naming_the_parameter_or_becomes_the_li
             assert json.loads(answered)["custom_id"] == "req-0"
 
 
-def test_the_batch_price_is_discounted():
-    price = PRICES.price(MODEL)
-    batch = PRICES.billed(MODEL, "completed", batch=True)
-    assert PRICES.batch_discount_percent == 50
-    assert cost_micros(10_000, 10_000, batch) == cost_micros(10_000, 10_000, price) // 2
+def test_the_batch_price_is_discounted_and_rounded_down():
+    from cloudach.prices import Price, PriceList
+
+    prices = PriceList("USD", {MODEL: Price(333, 777, 101)}, batch_discount_percent=30)
+    assert prices.billed(MODEL, "completed", batch=True) == Price(233, 543, 70)  # 333*0.7=233.1 ...
+    assert prices.billed(MODEL, "completed") == Price(333, 777, 101)
+    assert prices.billed(MODEL, "failed_mid_stream", batch=True) == Price(0, 0, 0)
+    assert PRICES.batch_discount_percent == 50  # the shipped list's
 
 
 class Flaky(FakeEngine):

@@ -16,7 +16,7 @@ from cloudach.inference.v1 import inference_pb2 as pb
 from cloudach.inference.v1 import inference_pb2_grpc
 from cloudach.rpc.errors import error_from_rpc
 from cloudach.tokens import BILLING_AUDIENCE, INFERENCE, INFERENCE_AUDIENCE
-from edge.mux import Multiplexer
+from edge.mux import MAX_ATTEMPTS, Multiplexer
 from inference_svc.server import running_inference
 from tests.fakes import FakeEngine
 from tests.integration.services import MODEL, inference_config, signed
@@ -105,11 +105,13 @@ async def test_many_calls_share_messages_and_each_gets_exactly_its_own_events(re
     words = [registry.get(MODEL).tokenizer.encode(f" w{i}") for i in range(40)]
     engine = Lockstep(steps=words)
     clock = asyncio.create_task(engine.clock())
-    async with multiplexed(engine, registry, auth, stub=Counting, streams=2) as (running, mux):
-        calls = [mux.Generate(pb.GenerateRequest(request_id=f"c{i}", model=MODEL, messages=CHAT), timeout=30,
-                              metadata=bearer(auth)) for i in range(30)]
-        results = await asyncio.gather(*(drain(c) for c in calls))
-    clock.cancel()
+    try:
+        async with multiplexed(engine, registry, auth, stub=Counting, streams=2) as (running, mux):
+            calls = [mux.Generate(pb.GenerateRequest(request_id=f"c{i}", model=MODEL, messages=CHAT), timeout=30,
+                                  metadata=bearer(auth)) for i in range(30)]
+            results = await asyncio.gather(*(drain(c) for c in calls))
+    finally:
+        clock.cancel()
     text = "".join(f" w{i}" for i in range(40))
     for events in results:
         kinds = [e.WhichOneof("event") for e in events]
@@ -224,7 +226,7 @@ async def test_a_stopping_server_refuses_new_calls_and_the_edge_moves_off_its_st
             await drain(refused)  # tried on a fresh stream too: this one server is stopping
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_from_rpc(raised.value).code == "draining"
-        assert warm.stream.retired and refused.retried
+        assert warm.stream.retired and refused.attempts == MAX_ATTEMPTS  # each refused: tried as often as allowed
         running.service.draining = False
         assert (await drain(mux.Generate(pb.GenerateRequest(model=MODEL, messages=CHAT),
                                          metadata=bearer(auth))))[-1].HasField("finished")
