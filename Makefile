@@ -4,14 +4,34 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROTOS := $(shell find protos -name '*.proto')
+CHROMIUM ?= /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench stubs install clean images
+.PHONY: run test bench stubs install clean images web
 
 run: $(VENV)/.installed .stubs-stamp
 	$(PY) -m tools up
 
-test: $(VENV)/.installed .stubs-stamp
+test: $(VENV)/.installed .stubs-stamp $(CHROMIUM)
 	$(PY) -m pytest
+
+# The browser test's Chromium (tests/e2e/test_guide_web.py): Debian's package, installed when
+# missing (Playwright's own browser download cannot work here; the test points at this one).
+$(CHROMIUM):
+	@echo ">> installing Debian's chromium for the browser test"
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || \
+	  { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
+# The streaming guide's web examples as a Next.js app (examples/nextjs-chat/), against `make run`'s
+# stack in another terminal: http://127.0.0.1:$(WEB_PORT). The key stays in this process.
+WEB_PORT          ?= 3000
+CLOUDACH_BASE_URL ?= http://127.0.0.1:8080/v1
+CLOUDACH_MODEL    ?= smollm2-135m-instruct
+web:
+	@test -s .cloudach/dev-api-key || { echo "make web needs the stack: run 'make run' in another terminal first"; exit 1; }
+	cd examples/nextjs-chat && npm ci --no-audit --no-fund && npm run build && \
+	  CLOUDACH_BASE_URL=$(CLOUDACH_BASE_URL) CLOUDACH_MODEL=$(CLOUDACH_MODEL) \
+	  CLOUDACH_API_KEY="$$(cat ../../.cloudach/dev-api-key)" npm run start -- -H 127.0.0.1 -p $(WEB_PORT)
 
 # Benchmarks (docs/benchmarks.md): starts its own stacks on free ports; results under bench/results/.
 bench: $(VENV)/.installed .stubs-stamp

@@ -3,10 +3,13 @@ ports and a temporary state directory, for the streaming guide's examples to run
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pathlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from cloudach import defaults as d
 from tools.launcher.ports import free_ports
 from tools.launcher.process import alive
 
@@ -92,6 +96,12 @@ class Stack:
                  "CLOUDACH_BILLING_TARGET": f"127.0.0.1:{self.billing_port}"},
         )
 
+    def ledger(self, columns: str, where: str = "1 = 1", *params) -> list[tuple]:
+        """Rows of billing_svc's usage records, read from its SQLite database."""
+        path = self.state_dir / "data" / d.BILLING_DATABASE
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute(f"SELECT {columns} FROM usage_records WHERE {where}", params).fetchall()
+
     def create_key(self, org: str, *limits: str) -> str:
         made = self.cli("keys", "create", "--org", org, *limits)
         assert made.returncode == 0, made.stderr
@@ -135,10 +145,19 @@ def stack(tmp_path_factory) -> Stack:
     yield from launch_stack(tmp_path_factory)
 
 
+def npm_ci(folder: pathlib.Path) -> pathlib.Path:
+    """`npm ci` in folder unless its node_modules already holds what package-lock.json pins."""
+    lock = hashlib.sha256((folder / "package-lock.json").read_bytes()).hexdigest()
+    stamp = folder / "node_modules" / ".cloudach-lock"
+    if not stamp.exists() or stamp.read_text() != lock:
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, timeout=300,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        stamp.write_text(lock)
+    return folder / "node_modules"
+
+
 @pytest.fixture(scope="session")
 def node_modules() -> pathlib.Path:
     """The Node examples' one dependency, the openai npm package, as package-lock.json pins it."""
-    if not (NODE / "node_modules" / "openai").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE, check=True, timeout=300,
-                       capture_output=True)
-    return NODE / "node_modules"
+    return npm_ci(NODE)

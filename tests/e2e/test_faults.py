@@ -96,10 +96,7 @@ async def _round(stack, key: str, victim: str) -> list[Seen]:
 
 
 def _ledger(stack) -> dict[str, tuple]:
-    path = stack.state_dir / "data" / d.BILLING_DATABASE
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        rows = db.execute("SELECT request_id, prompt_tokens, completion_tokens, outcome, source, "
-                          f"{COST_PICOS} FROM usage_records").fetchall()
+    rows = stack.ledger(f"request_id, prompt_tokens, completion_tokens, outcome, source, {COST_PICOS}")
     return {row[0]: row[1:] for row in rows}
 
 

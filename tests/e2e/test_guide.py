@@ -1,8 +1,9 @@
 """Every example of the streaming guide (shared/seed/streaming-guide.txt), adapted only in base
 URL, key and model, run against the stack as `make run` starts it: Python scripts with the
-official SDK, curl, a FastAPI proxy under uvicorn, and the Node examples with the openai npm
-package; beyond the guide, a streamed tool call with the Node SDK and the internal gRPC path (the
-README's example, and grpcurl through reflection). The tests that break the stack on purpose (a killed Triton, a killed edge) come last."""
+official SDK, curl and a FastAPI proxy under uvicorn (the web examples, the Next.js route and the
+React hook, run in a real Next.js app in a browser: test_guide_web.py); beyond the guide, a
+streamed tool call with the Node SDK and the internal gRPC path (the README's example, and
+grpcurl through reflection). The tests that break the stack on purpose (a killed Triton, a killed edge) come last."""
 
 from __future__ import annotations
 
@@ -133,28 +134,6 @@ def test_fastapi_proxy_route_streams_the_text_through(stack):
         server.wait(30)
     assert len("".join(pieces).strip()) > 20
     assert len(pieces) > 1, "the proxy buffered instead of streaming"
-
-
-def test_nextjs_route_and_react_hook_under_node(stack, node_modules):
-    server = subprocess.Popen(["node", str(NODE / "server.mjs")], env={**stack.env(), "PORT": "0"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output = Output(server)
-        start = output.wait_for("listening ", 30)
-        port = int(output.text[start:output.wait_for("\n", 5, start)])
-        done = subprocess.run(["node", str(NODE / "run-hook.mjs"), "Write a poem about the ocean."],
-                              env={**os.environ, "APP_ORIGIN": f"http://127.0.0.1:{port}"},
-                              capture_output=True, text=True, timeout=120)
-    finally:
-        server.terminate()
-        server.wait(30)
-    assert done.returncode == 0, done.stderr + output.text
-    states = json.loads(done.stdout)
-    assert states["loading"] == [True, False]
-    response = states["response"]
-    assert response[0] == "" and len(response[-1].strip()) > 20
-    assert all(later.startswith(earlier) for earlier, later in zip(response, response[1:]))
-    assert len(set(response)) > 2, "the hook saw the answer in one read: nothing streamed"
 
 
 def test_the_node_sdk_assembles_a_streamed_tool_call(stack, node_modules):

@@ -1,0 +1,70 @@
+// The streaming guide's Next.js App Router route (route.ts), changed in base URL, key and model,
+// which come from the server's environment, and where a comment starts "Changed" or "Added"
+// (README.md says why for each).
+import OpenAI from "openai";
+import { NextRequest } from "next/server";
+import { admit, readPrompt, upstreamFailure } from "./guard";
+
+// Changed: the guide makes its client when the module loads, and `next build` loads this module
+// to collect page data, where the SDK throws if CLOUDACH_API_KEY is not set. Made on first use.
+let client: OpenAI | undefined;
+function cloudach(): OpenAI {
+  client ??= new OpenAI({
+    baseURL: process.env.CLOUDACH_BASE_URL ?? "https://api.cloudach.com/v1",
+    apiKey: process.env.CLOUDACH_API_KEY!,
+  });
+  return client;
+}
+
+export async function POST(req: NextRequest) {
+  // Changed: the guide reads { prompt } with req.json(); this reads at most 64 KiB, refuses an
+  // empty prompt, and lets a browser session stream one answer at a time (each a 4xx JSON error).
+  const prompt = await readPrompt(req);
+  if (prompt instanceof Response) return prompt;
+  const slot = admit(req);
+  if (slot instanceof Response) return slot;
+
+  let stream;
+  try {
+    stream = await cloudach().chat.completions.create(
+      {
+        model: process.env.CLOUDACH_MODEL ?? "llama3-8b",
+        messages: [{ role: "user", content: prompt }],
+        stream: true,
+      },
+      { signal: req.signal }, // Added: a browser that goes away stops the answer upstream too
+    );
+  } catch (error) {
+    slot.release(); // Added: a refused request answers with Cloudach's error, as JSON
+    return upstreamFailure(error);
+  }
+
+  // Pipe Cloudach SSE directly to the browser
+  const encoder = new TextEncoder();
+  const readable = new ReadableStream({
+    async start(controller) {
+      try {
+        for await (const chunk of stream) {
+          const delta = chunk.choices[0]?.delta?.content ?? "";
+          if (delta) controller.enqueue(encoder.encode(delta));
+        }
+        controller.close();
+      } catch (error) {
+        // Added: a failure mid-answer (Cloudach's error event, a dropped connection) cuts the
+        // response off, so the browser's read fails instead of the text looking complete.
+        console.error("chat stream failed:", error instanceof Error ? error.message : error);
+        controller.error(error);
+      } finally {
+        slot.release();
+      }
+    },
+    cancel() {
+      stream.controller.abort(); // Added: the browser stopped reading
+      slot.release();
+    },
+  });
+
+  return new Response(readable, {
+    headers: { "Content-Type": "text/plain; charset=utf-8", ...slot.headers },
+  });
+}
