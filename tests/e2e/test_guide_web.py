@@ -150,7 +150,7 @@ def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_serv
     assert frames[0]["length"] == 0 and frames[-1] == {**frames[-1], "length": len(text), "loading": False}
     assert next(f for f in frames if f["loading"])["length"] == 0, "the loading state came after the text"
     growing = [f for f in frames if f["loading"] and 0 < f["length"] < len(text)]
-    assert len(growing) >= 3, f"the text did not grow over several frames: {frames}"
+    assert len(growing) >= 10, f"the text did not grow over several frames: {frames}"
     assert growing[0]["length"] < len(text) / 2 and growing[-1]["frame"] > growing[0]["frame"]
 
     # The key never reaches the browser: not in a request it sent, nor in what it was sent.

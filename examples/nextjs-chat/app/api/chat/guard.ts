@@ -80,8 +80,12 @@ export function admit(req: NextRequest): Slot | NextResponse {
       if (held) streaming.delete(session);
       held = false;
     },
-    headers: known ? {} : { "Set-Cookie": `${SESSION_COOKIE}=${session}; Path=/api/chat; HttpOnly; SameSite=Strict` },
+    headers: known ? {} : { "Set-Cookie": sessionCookie(session, req.nextUrl.protocol === "https:") },
   };
+}
+
+function sessionCookie(session: string, secure: boolean): string {
+  return `${SESSION_COOKIE}=${session}; Path=/api/chat; HttpOnly; SameSite=Strict${secure ? "; Secure" : ""}`;
 }
 
 /** The answer to a request Cloudach refused or could not take: its own 400 or 429 passed on,
