@@ -1,7 +1,9 @@
 // What the guide's route leaves out and a public page needs: a bounded request body, a prompt
 // that is there, one streaming answer at a time per browser session (and a bound over all of
 // them), and failures answered as JSON in OpenAI's error shape, which the page shows.
-import { APIError } from "openai";
+import { APIConnectionError, APIError } from "openai";
+import type { ChatCompletionChunk } from "openai/resources/chat/completions";
+import type { Stream } from "openai/streaming";
 import { NextRequest, NextResponse } from "next/server";
 
 export const MAX_BODY_BYTES = 64 * 1024;
@@ -88,21 +90,38 @@ function sessionCookie(session: string, secure: boolean): string {
   return `${SESSION_COOKIE}=${session}; Path=/api/chat; HttpOnly; SameSite=Strict${secure ? "; Secure" : ""}`;
 }
 
-/** The answer to a request Cloudach refused or could not take: its own 400 or 429 passed on,
- *  any other refusal a 502 (a wrong key or model is the app's fault, not the browser's). */
+/** Reads the stream up to its first text ("" if it ends first); returns that text and the
+ *  chunks after it. */
+export async function untilText(stream: Stream<ChatCompletionChunk>):
+    Promise<[string, AsyncIterable<ChatCompletionChunk>]> {
+  const chunks = stream[Symbol.asyncIterator]();
+  const rest = { [Symbol.asyncIterator]: () => chunks };
+  for (;;) {
+    const { value, done } = await chunks.next();
+    const text = done ? "" : (value.choices[0]?.delta?.content ?? "");
+    if (done || text) return [text, rest];
+  }
+}
+
+/** The answer to a request Cloudach refused or failed before its first token: its own 400 or
+ *  429 passed on, anything else a 502 (a wrong key or model is the app's fault, not the
+ *  browser's); 500 when the app has no key. */
 export function upstreamFailure(error: unknown): NextResponse {
   const message = error instanceof Error ? error.message : String(error);
   console.error("chat request failed:", message);
+  const code = error instanceof APIError && typeof error.code === "string" ? error.code : null;
+  if (error instanceof APIConnectionError) {  // no answer at all: refused connection, timeout
+    return failure(502, `Cloudach could not be reached: ${message}`, null, "upstream_unavailable");
+  }
   if (error instanceof APIError && (error.status === 400 || error.status === 429)) {
-    const retry = error.headers?.get?.("retry-after");
-    return failure(error.status, message, null, typeof error.code === "string" ? error.code : null,
-                   retry ? { "Retry-After": retry } : {});
+    const retry = error.headers?.get("retry-after");
+    return failure(error.status, message, null, code, retry ? { "Retry-After": retry } : {});
   }
   if (error instanceof APIError && error.status) {
-    return failure(502, `Cloudach answered ${error.status}: ${message}`, null, "upstream_error");
+    return failure(502, `Cloudach answered ${error.status}: ${message}`, null, code ?? "upstream_error");
   }
-  if (error instanceof APIError) {  // no answer at all: refused connection, timeout
-    return failure(502, `Cloudach could not be reached: ${message}`, null, "upstream_unavailable");
+  if (error instanceof APIError) {  // the stream's error event, before any token
+    return failure(502, message, null, code ?? "upstream_error");
   }
   return failure(500, `The app is misconfigured: ${message}`);  // the SDK's missing-key error
 }

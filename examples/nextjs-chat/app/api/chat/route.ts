@@ -3,7 +3,7 @@
 // (README.md says why for each).
 import OpenAI from "openai";
 import { NextRequest } from "next/server";
-import { admit, readPrompt, upstreamFailure } from "./guard";
+import { admit, readPrompt, untilText, upstreamFailure } from "./guard";
 
 // Changed: the guide makes its client when the module loads, and `next build` loads this module
 // to collect page data, where the SDK throws if CLOUDACH_API_KEY is not set. Made on first use.
@@ -24,7 +24,7 @@ export async function POST(req: NextRequest) {
   const slot = admit(req);
   if (slot instanceof Response) return slot;
 
-  let stream;
+  let stream, first, rest;
   try {
     stream = await cloudach().chat.completions.create(
       {
@@ -34,8 +34,11 @@ export async function POST(req: NextRequest) {
       },
       { signal: req.signal }, // Added: a browser that goes away stops the answer upstream too
     );
+    // Added: read up to the first text, so that a failure before any token (a refusal, the
+    // model restarting) answers as JSON with Cloudach's message, not as an empty reply.
+    [first, rest] = await untilText(stream);
   } catch (error) {
-    slot.release(); // Added: a refused request answers with Cloudach's error, as JSON
+    slot.release(); // Added
     return upstreamFailure(error);
   }
 
@@ -44,7 +47,8 @@ export async function POST(req: NextRequest) {
   const readable = new ReadableStream({
     async start(controller) {
       try {
-        for await (const chunk of stream) {
+        if (first) controller.enqueue(encoder.encode(first)); // Added: the text read above
+        for await (const chunk of rest) { // Changed: the chunks after it
           const delta = chunk.choices[0]?.delta?.content ?? "";
           if (delta) controller.enqueue(encoder.encode(delta));
         }
@@ -53,7 +57,7 @@ export async function POST(req: NextRequest) {
         // Added: a failure mid-answer (Cloudach's error event, a dropped connection) cuts the
         // response off, so the browser's read fails instead of the text looking complete.
         console.error("chat stream failed:", error instanceof Error ? error.message : error);
-        controller.error(error);
+        controller.error(new Error("the answer from Cloudach failed mid-way"));
       } finally {
         slot.release();
       }
