@@ -46,21 +46,23 @@ def key(stack: Stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def app(stack: Stack, key: str):
+def origin(stack: Stack, key: str):
     """The app built with nothing of Cloudach in its environment (the route must not need its key
-    at build time), then started with the guide's three variables; yields its origin and log."""
+    at build time), then started with the guide's three variables; yields its origin. What it
+    logged must hold neither the key nor a prompt."""
     npm_ci(APP)
     bare = {name: value for name, value in os.environ.items() if not name.startswith("CLOUDACH_")}
     built = subprocess.run(["npm", "run", "build"], cwd=APP, env=bare, capture_output=True, text=True, timeout=240)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (port,) = free_ports(1)
-    server = subprocess.Popen([str(APP / "node_modules" / ".bin" / "next"), "start", "-H", "127.0.0.1", "-p", str(port)],
-                              cwd=APP, env={**stack.env(key), "NEXT_TELEMETRY_DISABLED": "1"},
+    next_bin = APP / "node_modules" / ".bin" / "next"
+    server = subprocess.Popen([str(next_bin), "start", "-H", "127.0.0.1", "-p", str(port)], cwd=APP,
+                              env={**stack.env(key), "NEXT_TELEMETRY_DISABLED": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     log = Output(server)
     try:
         log.wait_for("Ready in", 60)
-        yield f"http://127.0.0.1:{port}", log
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
@@ -143,8 +145,7 @@ class Chat:
 
 
 def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_server(
-        app, browser: Browser, stack: Stack, key: str):
-    origin, _ = app
+        origin: str, browser: Browser, stack: Stack, key: str):
     context = browser.new_context()
     requests, responses = [], []
     context.on("request", lambda request: requests.append(request))
@@ -186,8 +187,7 @@ def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_serv
     assert rows[0][0] == "completed" and rows[0][1] > 5
 
 
-def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(app, browser: Browser, stack: Stack):
-    origin, _ = app
+def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(origin: str, browser: Browser, stack: Stack):
     context = browser.new_context()
     chat = Chat(context.new_page(), origin)
 
@@ -225,8 +225,8 @@ def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(app, browser
     context.close()
 
 
-def test_a_killed_triton_leaves_the_partial_answer_and_an_error_on_the_page(app, browser: Browser, stack: Stack):
-    origin, _ = app
+def test_a_killed_triton_leaves_the_partial_answer_and_an_error_on_the_page(
+        origin: str, browser: Browser, stack: Stack):
     context = browser.new_context()
     chat = Chat(context.new_page(), origin)
     before = chat.answering(COUNTING)
