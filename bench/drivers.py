@@ -20,6 +20,8 @@ from typing import Protocol
 import aiohttp
 import grpc
 
+from inference_svc.triton_engine import close_stream, is_final
+
 MODEL = "smollm2-135m-instruct"
 # a chunk with text (servers differ in JSON spacing); the usage chunk, where sent, gives the count
 CONTENT = re.compile(rb'"content": ?"')
@@ -289,14 +291,14 @@ async def model_responses(client, tensors: list, request_id: str, model: str = "
         await finished.wait()  # our side stays open until the model has finished
 
     responses = client.stream_infer(inputs_iterator=requests())
+    final = False
     try:
         async for result, error in responses:
             yield result, error
             if error is not None:
                 return
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
+            if final := is_final(result):
                 return
     finally:
         finished.set()
-        responses.cancel()
+        await close_stream(responses, final)

@@ -34,6 +34,35 @@ _QUEUE_FULL_MARKERS = ("queue is full", "exceeds maximum queue size", "maximum q
 _REFUSED = re.compile(r"invalid input '(\w+)'")
 
 
+#: After a request's final response, how long Triton may take to end its stream before we cancel it.
+STREAM_END_TIMEOUT_S = 2.0
+
+
+def is_final(result) -> bool:
+    """Whether a decoupled model's response is its request's last (triton_final_response)."""
+    flag = result.get_response().parameters.get("triton_final_response")
+    return flag is not None and flag.bool_param
+
+
+async def close_stream(responses, final: bool) -> None:
+    """Ends a ModelStreamInfer call whose request side has been closed. After the final response
+    it lets Triton end the stream itself (it does once our side is closed) and cancels only past
+    STREAM_END_TIMEOUT_S; otherwise it cancels at once, which cancels the request in the model.
+    A cancel that reaches tritonserver 2.51 (r24.10) while it is finishing a stream can crash it
+    (SIGSEGV, or glibc's "double free or corruption", then a hang in its signal handler):
+    triton-inference-server/server#7368, fixed in r24.12. Cancelling every stream at its clean end
+    did that now and then, seconds after start and under load."""
+    if final:
+        try:
+            async with asyncio.timeout(STREAM_END_TIMEOUT_S):
+                async for _ in responses:
+                    pass
+            return
+        except (TimeoutError, grpc.aio.AioRpcError):
+            pass
+    responses.cancel()
+
+
 def _tensor(name: str, value: np.ndarray, datatype: str) -> InferInput:
     tensor = InferInput(name, list(value.shape), datatype)
     tensor.set_data_from_numpy(value)
@@ -243,7 +272,7 @@ class TritonEngine:
         propagate.inject(headers, context=trace.set_span_in_context(span))
         endpoint.in_flight += 1
         responses = endpoint.client.stream_infer(inputs_iterator=requests(), headers=headers)
-        first = True
+        first, final = True, False
         try:
             while True:
                 try:
@@ -267,8 +296,7 @@ class TritonEngine:
                         if cached is not None and cached.size:
                             step = dataclasses.replace(step, cached_tokens=max(0, int(cached.reshape(-1)[0])))
                     yield step
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
+                if final := is_final(result):
                     return
         except BaseException as error:
             span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
@@ -277,7 +305,7 @@ class TritonEngine:
             finished.set()
             endpoint.in_flight -= 1
             self._endpoints.released(endpoint)
-            responses.cancel()  # no-op after a clean end; cancels the request in the model otherwise
+            await close_stream(responses, final)
             span.end()
 
     async def model_ready(self, model: str) -> bool:
