@@ -38,7 +38,14 @@ class Output:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def drained(self, timeout_s: float = 10) -> str:
+        """All the child printed, once its stdout has closed (it has exited)."""
+        self._reader.join(timeout_s)
+        assert not self._reader.is_alive(), "the child's stdout is still open"
+        return self.text
 
     def _pump(self) -> None:
         while piece := os.read(self.process.stdout.fileno(), 4096):

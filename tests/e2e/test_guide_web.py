@@ -13,6 +13,8 @@ import signal
 import subprocess
 import time
 
+from dataclasses import dataclass
+
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -30,9 +32,12 @@ ORG = "web-app"
 POEM = "Write a poem about the ocean."
 #: At the model's default sampling a long answer (tens of seconds): time to act mid-answer.
 COUNTING = "Write the numbers from 1 to 500 separated by commas."
+HELLO = "Say hello."
+#: Under the app's 64 KiB, over the model's 2,048 tokens of context.
+OVER_CONTEXT = "hello " * 5_000
 
-# The first test builds the app (npm ci from the lock, next build: about a minute here).
-pytestmark = pytest.mark.timeout(300)
+# The first test also starts the stack and builds the app (npm ci, next build: two minutes here).
+pytestmark = pytest.mark.timeout(420)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +50,19 @@ def key(stack: Stack) -> str:
     return stack.create_key(ORG)
 
 
+@dataclass
+class App:
+    origin: str
+    log: Output
+
+
 @pytest.fixture(scope="module")
-def origin(stack: Stack, key: str):
+def app(stack: Stack, key: str):
     """The app built with nothing of Cloudach in its environment (the route must not need its key
-    at build time), then started with the guide's three variables; yields its origin. What it
-    logged must hold neither the key nor a prompt."""
+    at build time), then started with the guide's three variables. What it logged must hold
+    neither the key nor a prompt."""
     npm_ci(APP)
-    bare = {name: value for name, value in os.environ.items() if not name.startswith("CLOUDACH_")}
+    bare = {name: value for name, value in os.environ.items() if not name.startswith(("CLOUDACH_", "OPENAI_"))}
     built = subprocess.run(["npm", "run", "build"], cwd=APP, env=bare, capture_output=True, text=True, timeout=240)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (port,) = free_ports(1)
@@ -62,12 +73,13 @@ def origin(stack: Stack, key: str):
     log = Output(server)
     try:
         log.wait_for("Ready in", 60)
-        yield f"http://127.0.0.1:{port}"
+        yield App(f"http://127.0.0.1:{port}", log)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
-    assert key not in log.text, "the app logged its API key"
-    assert POEM not in log.text and COUNTING not in log.text, "the app logged a prompt"
+    logged = log.drained()
+    assert key not in logged, "the app logged its API key"
+    assert not [p for p in (POEM, COUNTING, HELLO, OVER_CONTEXT[:60]) if p in logged], "the app logged a prompt"
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +157,15 @@ class Chat:
 
 
 def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_server(
-        origin: str, browser: Browser, stack: Stack, key: str):
+        app: App, browser: Browser, stack: Stack, key: str):
     context = browser.new_context()
     requests, responses = [], []
     context.on("request", lambda request: requests.append(request))
     context.on("response", lambda response: responses.append(response))
-    chat = Chat(context.new_page(), origin)
+    chat = Chat(context.new_page(), app.origin)
     chat.page.evaluate(RECORD_FRAMES)
     answer = chat.send(POEM)
     assert answer.status == 200 and answer.headers["content-type"] == "text/plain; charset=utf-8"
-    expect(chat.loading).to_be_visible()
     text = chat.finished()
     expect(chat.alert).to_have_count(0)
     assert len(text.strip()) > 20, text
@@ -169,7 +180,7 @@ def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_serv
     assert growing[0]["length"] < len(text) / 2 and growing[-1]["frame"] > growing[0]["frame"]
 
     # The key never reaches the browser: not in a request it sent, nor in what it was sent.
-    assert requests and all(r.url.startswith(origin + "/") for r in requests), [r.url for r in requests]
+    assert requests and all(r.url.startswith(app.origin + "/") for r in requests), [r.url for r in requests]
     for request in requests:
         sent = request.url + repr(request.all_headers()) + (request.post_data or "")
         assert key not in sent, request.url
@@ -187,25 +198,31 @@ def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_serv
     assert rows[0][0] == "completed" and rows[0][1] > 5
 
 
-def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(origin: str, browser: Browser, stack: Stack):
+def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(app: App, browser: Browser, stack: Stack):
     context = browser.new_context()
-    chat = Chat(context.new_page(), origin)
+    chat = Chat(context.new_page(), app.origin)
 
-    def refused(answer, status: int, shown: str):
-        assert answer.status == status and answer.json()["error"]["message"]
+    def refused(answer, status: int, shown: str) -> dict:
+        error = answer.json()["error"]
+        assert answer.status == status and set(error) == {"message", "type", "param", "code"}
+        expect(chat.alert).to_have_text(error["message"])
         expect(chat.alert).to_contain_text(shown)
         assert chat.finished(10) == ""
+        return error
 
     refused(chat.send(""), 400, "The prompt is empty")
     refused(chat.send("   \n "), 400, "The prompt is empty")
     refused(chat.send("x" * 1_000_000), 413, "The prompt is too long")
     # Under the app's limit, over the model's: Cloudach's own 400 and its message, passed on.
-    refused(chat.send("hello " * 5_000), 400, "maximum context length")
+    error = refused(chat.send(OVER_CONTEXT), 400, "This model's maximum context length is 2048 tokens")
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error", "messages", "context_length_exceeded")
+    assert error["message"].startswith("This model's")  # Cloudach's words, as Cloudach sent them
 
     # A second tab of the same browser session asks while the first is still streaming.
-    first = Chat(context.new_page(), origin)
-    first.answering(COUNTING)
-    refused(chat.send("Say hello."), 429, "still streaming in this browser session")
+    first = Chat(context.new_page(), app.origin)
+    first.answering(COUNTING, chars=60)
+    refused(chat.send(HELLO), 429, "still streaming in this browser session")
     expect(first.loading).to_be_visible()
     chat.shot("refused")
 
@@ -213,7 +230,7 @@ def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(origin: str,
     # the session for the second.
     first.page.close()
     deadline = time.monotonic() + 30
-    while (answer := chat.send("Say hello.")).status == 429:
+    while (answer := chat.send(HELLO)).status == 429:
         assert time.monotonic() < deadline, "the closed tab's answer still holds the session"
         time.sleep(0.5)
     assert answer.status == 200 and chat.finished().strip()
@@ -222,13 +239,14 @@ def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(origin: str,
     while not stack.ledger("1", "organization = ? AND outcome = 'cancelled_by_client'", ORG):
         assert time.monotonic() < deadline, "the closed tab's answer was not cancelled upstream"
         time.sleep(0.5)
+    assert "chat stream failed" not in app.log.text, "the app logged a closed tab as a failure"
     context.close()
 
 
 def test_a_killed_triton_leaves_the_partial_answer_and_an_error_on_the_page(
-        origin: str, browser: Browser, stack: Stack):
+        app: App, browser: Browser, stack: Stack):
     context = browser.new_context()
-    chat = Chat(context.new_page(), origin)
+    chat = Chat(context.new_page(), app.origin)
     before = chat.answering(COUNTING)
     triton = stack.services()["tritonserver"]
     os.kill(triton["pid"], signal.SIGKILL)
@@ -243,7 +261,7 @@ def test_a_killed_triton_leaves_the_partial_answer_and_an_error_on_the_page(
     stack.output.wait_for("tritonserver ready again", 180)
     deadline = time.monotonic() + 60
     while True:
-        answer = chat.send("Say hello.")
+        answer = chat.send(HELLO)
         text = chat.finished()
         if chat.alert.count() == 0:
             break

@@ -5,14 +5,20 @@ import { APIConnectionError, APIError } from "openai";
 import type { ChatCompletionChunk } from "openai/resources/chat/completions";
 import type { Stream } from "openai/streaming";
 import { NextRequest, NextResponse } from "next/server";
+import { SESSION_COOKIE } from "../../../lib/session";
 
 export const MAX_BODY_BYTES = 64 * 1024;
-const MAX_STREAMS = Number(process.env.CHAT_MAX_STREAMS ?? 32);
-const SESSION_COOKIE = "cloudach_chat";
+const MAX_STREAMS = positive(process.env.CHAT_MAX_STREAMS) ?? 32;
+
+function positive(setting: string | undefined): number | undefined {
+  const value = Number(setting);
+  return Number.isInteger(value) && value > 0 ? value : undefined;
+}
 
 export function failure(status: number, message: string, param: string | null = null,
-                        code: string | null = null, headers: Record<string, string> = {}): NextResponse {
-  const type = status === 429 ? "rate_limit_error" : status >= 500 ? "server_error" : "invalid_request_error";
+                        code: string | null = null, headers: Record<string, string> = {},
+                        type?: string): NextResponse {
+  type ??= status === 429 ? "rate_limit_error" : status >= 500 ? "server_error" : "invalid_request_error";
   return NextResponse.json({ error: { message, type, param, code } }, { status, headers });
 }
 
@@ -58,36 +64,34 @@ async function readCapped(req: NextRequest, limit: number): Promise<string | und
 
 export interface Slot {
   release(): void;
-  headers: Record<string, string>;
 }
 
-const streaming = new Set<string>();
+const sessions = new Set<string>();
+let streams = 0;
 
-/** A streaming slot for the request's browser session, or the 429 to send instead. */
+/** A streaming slot for the request's browser session, or the 429 to send instead. A request
+ *  without the session cookie (not from the page) counts only against the bound over all. */
 export function admit(req: NextRequest): Slot | NextResponse {
-  const known = req.cookies.get(SESSION_COOKIE)?.value;
-  if (known && streaming.has(known)) {
+  const session = req.cookies.get(SESSION_COOKIE)?.value;
+  if (session && sessions.has(session)) {
     return failure(429, "An answer is still streaming in this browser session: wait for it to finish.",
                    null, "concurrent_requests");
   }
-  if (streaming.size >= MAX_STREAMS) {
+  if (streams >= MAX_STREAMS) {
     return failure(429, "This app is streaming as many answers as it allows: try again shortly.",
                    null, "concurrent_requests", { "Retry-After": "1" });
   }
-  const session = known ?? crypto.randomUUID();
-  streaming.add(session);
+  if (session) sessions.add(session);
+  streams += 1;
   let held = true;
   return {
     release() {
-      if (held) streaming.delete(session);
+      if (!held) return;
       held = false;
+      streams -= 1;
+      if (session) sessions.delete(session);
     },
-    headers: known ? {} : { "Set-Cookie": sessionCookie(session, req.nextUrl.protocol === "https:") },
   };
-}
-
-function sessionCookie(session: string, secure: boolean): string {
-  return `${SESSION_COOKIE}=${session}; Path=/api/chat; HttpOnly; SameSite=Strict${secure ? "; Secure" : ""}`;
 }
 
 /** Reads the stream up to its first text ("" if it ends first); returns that text and the
@@ -103,25 +107,46 @@ export async function untilText(stream: Stream<ChatCompletionChunk>):
   }
 }
 
+/** Thrown for a setting the server lacks, so the SDK never falls back to OPENAI_API_KEY. */
+export class MissingSetting extends Error {}
+
+export function setting(name: string): string {
+  const value = process.env[name];
+  if (!value) throw new MissingSetting(`${name} is not set on the server.`);
+  return value;
+}
+
+interface CloudachError {
+  message?: string;
+  type?: string;
+  param?: string | null;
+  code?: string | null;
+}
+
 /** The answer to a request Cloudach refused or failed before its first token: its own 400 or
- *  429 passed on, anything else a 502 (a wrong key or model is the app's fault, not the
- *  browser's); 500 when the app has no key. */
+ *  429 passed on (its message, type, param and code), its error event's message as a 502, any
+ *  other refusal a 502 that says no more (a wrong key or model is the app's fault, and the
+ *  server's log has the details); 500 when the app lacks its key. */
 export function upstreamFailure(error: unknown): NextResponse {
-  const message = error instanceof Error ? error.message : String(error);
-  console.error("chat request failed:", message);
-  const code = error instanceof APIError && typeof error.code === "string" ? error.code : null;
+  console.error("chat request failed:", error instanceof Error ? error.message : String(error));
+  if (error instanceof MissingSetting) return failure(500, error.message);
   if (error instanceof APIConnectionError) {  // no answer at all: refused connection, timeout
-    return failure(502, `Cloudach could not be reached: ${message}`, null, "upstream_unavailable");
+    return failure(502, "Cloudach could not be reached.", null, "upstream_unavailable");
   }
-  if (error instanceof APIError && (error.status === 400 || error.status === 429)) {
-    const retry = error.headers?.get("retry-after");
-    return failure(error.status, message, null, code, retry ? { "Retry-After": retry } : {});
+  if (!(error instanceof APIError)) {  // an answer that could not be read
+    return failure(502, "Cloudach's answer could not be read.", null, "upstream_error");
   }
-  if (error instanceof APIError && error.status) {
-    return failure(502, `Cloudach answered ${error.status}: ${message}`, null, code ?? "upstream_error");
+  const body = (error.error ?? {}) as CloudachError;
+  const message = body.message ?? error.message;
+  if (error.status === 400 || error.status === 429) {
+    const waits: Record<string, string> = {};
+    for (const name of ["retry-after", "retry-after-ms"]) {
+      const wait = error.headers?.get(name);
+      if (wait) waits[name] = wait;
+    }
+    return failure(error.status, message, body.param ?? null, body.code ?? null, waits, body.type);
   }
-  if (error instanceof APIError) {  // the stream's error event, before any token
-    return failure(502, message, null, code ?? "upstream_error");
-  }
-  return failure(500, `The app is misconfigured: ${message}`);  // the SDK's missing-key error
+  if (!error.status) return failure(502, message, null, body.code ?? "upstream_error");  // its error event
+  return failure(502, `Cloudach refused the app's request (${error.status}): see the server's log.`,
+                 null, "upstream_error");
 }

@@ -3,15 +3,16 @@
 // (README.md says why for each).
 import OpenAI from "openai";
 import { NextRequest } from "next/server";
-import { admit, readPrompt, untilText, upstreamFailure } from "./guard";
+import { admit, readPrompt, setting, untilText, upstreamFailure } from "./guard";
 
 // Changed: the guide makes its client when the module loads, and `next build` loads this module
-// to collect page data, where the SDK throws if CLOUDACH_API_KEY is not set. Made on first use.
+// to collect page data, where the SDK throws if CLOUDACH_API_KEY is not set. Made on first use;
+// and without the key it fails rather than let the SDK fall back to OPENAI_API_KEY.
 let client: OpenAI | undefined;
 function cloudach(): OpenAI {
   client ??= new OpenAI({
     baseURL: process.env.CLOUDACH_BASE_URL ?? "https://api.cloudach.com/v1",
-    apiKey: process.env.CLOUDACH_API_KEY!,
+    apiKey: setting("CLOUDACH_API_KEY"),
   });
   return client;
 }
@@ -25,7 +26,7 @@ export async function POST(req: NextRequest) {
   if (slot instanceof Response) return slot;
 
   let stream, first, rest;
-  try {
+  try { // Added: a failure before the first token answers as JSON (upstreamFailure)
     stream = await cloudach().chat.completions.create(
       {
         model: process.env.CLOUDACH_MODEL ?? "llama3-8b",
@@ -34,16 +35,17 @@ export async function POST(req: NextRequest) {
       },
       { signal: req.signal }, // Added: a browser that goes away stops the answer upstream too
     );
-    // Added: read up to the first text, so that a failure before any token (a refusal, the
-    // model restarting) answers as JSON with Cloudach's message, not as an empty reply.
+    // Added: read up to the first text, so that a failure before any token (the model
+    // restarting) is answered that way too, not as an empty reply once the stream has begun.
     [first, rest] = await untilText(stream);
   } catch (error) {
-    slot.release(); // Added
+    slot.release();
     return upstreamFailure(error);
   }
 
   // Pipe Cloudach SSE directly to the browser
   const encoder = new TextEncoder();
+  let cancelled = false; // Added
   const readable = new ReadableStream({
     async start(controller) {
       try {
@@ -56,19 +58,22 @@ export async function POST(req: NextRequest) {
       } catch (error) {
         // Added: a failure mid-answer (Cloudach's error event, a dropped connection) cuts the
         // response off, so the browser's read fails instead of the text looking complete.
+        if (cancelled) return; // the browser left: nothing failed
         console.error("chat stream failed:", error instanceof Error ? error.message : error);
         controller.error(new Error("the answer from Cloudach failed mid-way"));
       } finally {
-        slot.release();
+        slot.release(); // Added
       }
     },
     cancel() {
-      stream.controller.abort(); // Added: the browser stopped reading
+      // Added: the browser stopped reading
+      cancelled = true;
+      stream.controller.abort();
       slot.release();
     },
   });
 
   return new Response(readable, {
-    headers: { "Content-Type": "text/plain; charset=utf-8", ...slot.headers },
+    headers: { "Content-Type": "text/plain; charset=utf-8" },
   });
 }
