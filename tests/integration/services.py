@@ -115,6 +115,48 @@ def launch_triton(tmp_path_factory) -> TritonServer:
     return start_triton_ready(log, ["tensorrt_llm"], timeout_s=120)
 
 
+#: What tritonserver's own handler prints for a fatal signal (15 is a clean stop).
+_CRASHED = re.compile(r"^Signal \((?!15\))\d+\) received\.", re.MULTILINE)
+
+
+@dataclasses.dataclass
+class TritonWatch:
+    """The session's Triton, with what its log said since a mark. tritonserver 2.51 now and then
+    crashes under load in its own gRPC stream handler (README: the model), and after a SIGABRT it
+    can hang in its signal handler, still holding its ports."""
+
+    server: TritonServer
+    mark: int = 0
+
+    def begin(self) -> None:
+        self.mark = self.server.log_path.stat().st_size if self.server.log_path.exists() else 0
+
+    def crashed(self) -> str | None:
+        """The crash since begin(), if any: the process gone, or its fatal-signal line."""
+        if not self.server.is_running():
+            return f"tritonserver exited ({self.server.process.returncode})"
+        with open(self.server.log_path, "rb") as log:
+            log.seek(self.mark)
+            found = _CRASHED.search(log.read().decode(errors="replace"))
+        return found and found.group(0)
+
+    def revive(self) -> str | None:
+        """Restarts a crashed Triton on its own ports (in place: every fixture keeps its address);
+        waits out inference_svc's reconnect backoff (at most 5 s). Returns what crashed, or None."""
+        crash = self.crashed()
+        if crash is None:
+            return None
+        self.server.kill()
+        fresh = start_triton_ready(self.server.log_path.with_name(f"revived-{self.server.process.pid}.log"),
+                                   ["tensorrt_llm"], timeout_s=120,
+                                   ports=(self.server.http_port, self.server.grpc_port, self.server.metrics_port))
+        self.server.process, self.server.log_path = fresh.process, fresh.log_path
+        self.mark = 0
+        import time
+        time.sleep(6)
+        return crash
+
+
 def model_metrics(server: TritonServer) -> dict[str, float]:
     """The stand-in model's own counters, read from Triton's metrics port."""
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
