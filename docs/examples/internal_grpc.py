@@ -68,7 +68,9 @@ async def generate(stub, metadata) -> dict:
 
 
 async def cancel(stub, metadata) -> dict:
-    call = stub.Generate(ask("Count from 1 to 500.", stopping=pb.StoppingCriteria(max_new_tokens=1000)),
+    # Greedy: a sampled answer can end (a short reply) before the fifth delta.
+    call = stub.Generate(ask("Count from 1 to 500.", stopping=pb.StoppingCriteria(max_new_tokens=1000),
+                             sampling=pb.SamplingParameters(temperature=0)),
                          metadata=metadata, timeout=120)
     deltas = 0
     async for event in call:

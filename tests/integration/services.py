@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 
 import grpc
@@ -152,7 +153,6 @@ class TritonWatch:
                                    ports=(self.server.http_port, self.server.grpc_port, self.server.metrics_port))
         self.server.process, self.server.log_path = fresh.process, fresh.log_path
         self.mark = 0
-        import time
         time.sleep(6)
         return crash
 
@@ -221,8 +221,6 @@ class ModelStream:
 async def stream_model(url: str, input_ids: list[int], request_id: str, cancel_after: int | None = None,
                        **inputs) -> ModelStream:
     """One streaming request to the `tensorrt_llm` model, its scalar inputs given by name."""
-    import time
-
     import tritonclient.grpc.aio as triton
 
     tensors = model_inputs(input_ids, streaming=True, **inputs)
