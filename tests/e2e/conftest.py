@@ -109,6 +109,15 @@ class Stack:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             return db.execute(f"SELECT {columns} FROM usage_records WHERE {where}", params).fetchall()
 
+    def await_ledger(self, why: str, columns: str, where: str, *params, timeout_s: float = 30) -> list[tuple]:
+        """The ledger's rows once there are any (the edge delivers usage in the background);
+        fails with why past timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while not (rows := self.ledger(columns, where, *params)):
+            assert time.monotonic() < deadline, why
+            time.sleep(0.5)
+        return rows
+
     def create_key(self, org: str, *limits: str) -> str:
         made = self.cli("keys", "create", "--org", org, *limits)
         assert made.returncode == 0, made.stderr

@@ -191,10 +191,8 @@ def test_the_page_streams_an_answer_frame_by_frame_and_the_key_stays_on_the_serv
     context.close()
 
     # The answer is billed to the app's key, as completed.
-    deadline = time.monotonic() + 30
-    while not (rows := stack.ledger("outcome, completion_tokens", "organization = ?", ORG)):
-        assert time.monotonic() < deadline, "billing_svc has no record of the page's request"
-        time.sleep(0.5)
+    rows = stack.await_ledger("billing_svc has no record of the page's request",
+                              "outcome, completion_tokens", "organization = ?", ORG)
     assert rows[0][0] == "completed" and rows[0][1] > 5
 
 
@@ -235,10 +233,8 @@ def test_bad_input_gets_a_clear_error_on_the_page_and_nothing_hangs(app: App, br
         time.sleep(0.5)
     assert answer.status == 200 and chat.finished().strip()
     expect(chat.alert).to_have_count(0)
-    deadline = time.monotonic() + 30
-    while not stack.ledger("1", "organization = ? AND outcome = 'cancelled_by_client'", ORG):
-        assert time.monotonic() < deadline, "the closed tab's answer was not cancelled upstream"
-        time.sleep(0.5)
+    stack.await_ledger("the closed tab's answer was not cancelled upstream",
+                       "1", "organization = ? AND outcome = 'cancelled_by_client'", ORG)
     assert "chat stream failed" not in app.log.text, "the app logged a closed tab as a failure"
     context.close()
 

@@ -55,13 +55,14 @@ async def billing(tmp_path_factory, auth):
 
 
 #: the session Triton's watch, once it runs (read by the rerun condition below)
-_WATCH: list[TritonWatch] = []
+_watch: TritonWatch | None = None
 
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory):
+    global _watch
     server = launch_triton(tmp_path_factory)
-    _WATCH.append(TritonWatch(server))
+    _watch = TritonWatch(server)
     yield server
     server.stop()
 
@@ -72,16 +73,15 @@ def _triton_alive(request):
     (tritonserver 2.51's own crash, README: the model) is restarted on its ports, and says so."""
     if "triton" in request.fixturenames:
         request.getfixturevalue("triton")
-        watch = _WATCH[-1]
-        crash = watch.revive()
+        crash = _watch.revive()
         if crash:
             print(f"\n!! the session's tritonserver had crashed ({crash}); restarted on its ports")
-        watch.begin()
+        _watch.begin()
     yield
 
 
 def _triton_crashed_under_it(error) -> bool:
-    return bool(_WATCH) and _WATCH[-1].crashed() is not None
+    return _watch is not None and _watch.crashed() is not None
 
 
 def pytest_collection_modifyitems(items):
